@@ -1,0 +1,402 @@
+#include "residency/resident_set.hpp"
+
+#include <algorithm>
+#include <limits>
+
+#include "residency/errors.hpp"
+
+namespace residency {
+
+namespace {
+
+// Anything beyond an exbibyte is a unit mistake, not a model.
+constexpr std::uint64_t kMaxBytes = std::uint64_t{1} << 60;
+
+std::string bytes_text(std::uint64_t bytes) { return std::to_string(bytes) + " bytes"; }
+
+void check_key(const std::string& key) {
+  if (key.empty()) throw InvalidArgument("model key must not be empty");
+}
+
+void check_bytes(std::uint64_t bytes, const char* what) {
+  if (bytes == 0) throw InvalidArgument(std::string(what) + " must be positive");
+  if (bytes > kMaxBytes) {
+    throw InvalidArgument(std::string(what) + " of " + bytes_text(bytes) +
+                          " is absurd (more than 1 EiB)");
+  }
+}
+
+Nanos saturating_add(Nanos a, Nanos b) {
+  if (b > 0 && a > std::numeric_limits<Nanos>::max() - b) return std::numeric_limits<Nanos>::max();
+  return a + b;
+}
+
+}  // namespace
+
+const char* to_string(AdmitOutcome outcome) {
+  switch (outcome) {
+    case AdmitOutcome::Hit: return "hit";
+    case AdmitOutcome::Load: return "load";
+    case AdmitOutcome::Wait: return "wait";
+    case AdmitOutcome::TooLarge: return "too_large";
+  }
+  return "?";
+}
+
+const char* to_string(ReservationState state) {
+  switch (state) {
+    case ReservationState::Loading: return "loading";
+    case ReservationState::Ready: return "ready";
+    case ReservationState::Unloading: return "unloading";
+  }
+  return "?";
+}
+
+ResidentSet::ResidentSet(std::vector<DeviceSpec> devices, std::unique_ptr<EvictionPolicy> policy)
+    : policy_(std::move(policy)) {
+  if (!policy_) throw InvalidArgument("an eviction policy is required");
+  for (const auto& spec : devices) add_device_locked(spec);
+}
+
+void ResidentSet::add_device(const DeviceSpec& spec) {
+  std::lock_guard lock(mutex_);
+  add_device_locked(spec);
+}
+
+void ResidentSet::add_device_locked(const DeviceSpec& spec) {
+  if (spec.id.empty()) throw InvalidArgument("device id must not be empty");
+  check_bytes(spec.total_bytes, "device total");
+  if (spec.overhead_bytes >= spec.total_bytes) {
+    throw InvalidArgument("device '" + spec.id + "': overhead (" + bytes_text(spec.overhead_bytes) +
+                          ") leaves no budget of its total (" + bytes_text(spec.total_bytes) + ")");
+  }
+  if (spec.max_models == 0) {
+    throw InvalidArgument("device '" + spec.id + "': max_models must be at least 1");
+  }
+  for (const auto& d : devices_) {
+    if (d.spec.id == spec.id) throw InvalidArgument("device '" + spec.id + "' already exists");
+  }
+  devices_.push_back(DeviceState{spec});
+}
+
+Reservation& ResidentSet::find_locked(const std::string& key) {
+  auto it = reservations_.find(key);
+  if (it == reservations_.end()) throw UnknownModel("model '" + key + "' is not resident");
+  return it->second;
+}
+
+const Reservation& ResidentSet::find_locked(const std::string& key) const {
+  auto it = reservations_.find(key);
+  if (it == reservations_.end()) throw UnknownModel("model '" + key + "' is not resident");
+  return it->second;
+}
+
+ResidentSet::DeviceState& ResidentSet::device_locked(const std::string& id) {
+  for (auto& d : devices_) {
+    if (d.spec.id == id) return d;
+  }
+  throw UnknownDevice("no device '" + id + "'");
+}
+
+DeviceUsage ResidentSet::usage_locked(const DeviceState& d) const {
+  return DeviceUsage{d.spec.id,  d.spec.total_bytes, d.spec.overhead_bytes, d.spec.max_models,
+                     d.budget(), d.reserved,         d.unloading,           d.models};
+}
+
+void ResidentSet::start_keep_alive_locked(Reservation& r, Nanos now) const {
+  r.expires_at = (r.pinned || r.keep_alive < 0) ? kNever : saturating_add(now, r.keep_alive);
+}
+
+void ResidentSet::move_to_unloading_locked(Reservation& r) {
+  DeviceState& d = device_locked(r.device);
+  d.reserved -= r.bytes;
+  d.unloading += r.bytes;
+  --d.models;
+  r.state = ReservationState::Unloading;
+  r.expires_at = kNever;
+  policy_->on_evicted(r, stats_[r.key]);
+}
+
+AdmitDecision ResidentSet::admit(const std::string& key, std::uint64_t bytes_needed, Nanos now,
+                                 Nanos keep_alive) {
+  check_key(key);
+  check_bytes(bytes_needed, "bytes needed");
+  std::lock_guard lock(mutex_);
+
+  if (auto it = reservations_.find(key); it != reservations_.end()) {
+    const Reservation& r = it->second;
+    if (r.state == ReservationState::Unloading) {
+      return {AdmitOutcome::Wait, r.device, {}, 0, "model '" + key + "' is still unloading"};
+    }
+    return {AdmitOutcome::Hit, r.device, {}, 0, {}};
+  }
+  if (devices_.empty()) {
+    return {AdmitOutcome::TooLarge, {}, {}, 0, "no devices are configured"};
+  }
+
+  // 1. A device where it fits as things are: the one with the most free budget (spreads load).
+  const DeviceState* best_free = nullptr;
+  for (const auto& d : devices_) {
+    if (d.reserved + bytes_needed <= d.budget() && d.models < d.spec.max_models) {
+      if (!best_free || d.budget() - d.reserved > best_free->budget() - best_free->reserved) {
+        best_free = &d;
+      }
+    }
+  }
+
+  std::vector<std::string> victims;
+  std::uint64_t freed = 0;
+  const DeviceState* target = best_free;
+
+  // 2. Otherwise the device whose eviction the policy rates cheapest.
+  if (!target) {
+    double best_cost = std::numeric_limits<double>::infinity();
+    std::vector<Candidate> candidates;
+    for (const auto& d : devices_) {
+      if (bytes_needed > d.budget()) continue;
+      const DeviceUsage usage = usage_locked(d);
+      EvictionNeed need{&usage, 0, 0, now};
+      if (d.reserved + bytes_needed > d.budget()) need.bytes_to_free = d.reserved + bytes_needed - d.budget();
+      if (d.models + 1 > d.spec.max_models) need.slots_to_free = d.models + 1 - d.spec.max_models;
+
+      candidates.clear();
+      for (const auto& [k, r] : reservations_) {
+        if (r.device == d.spec.id && r.state == ReservationState::Ready && r.refcount == 0 &&
+            !r.pinned) {
+          candidates.push_back(Candidate{&r, &stats_[k]});
+        }
+      }
+      // unordered_map order is arbitrary: give policies a stable input.
+      std::sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
+        return a.reservation->key < b.reservation->key;
+      });
+      auto choice = policy_->choose_victims(candidates, need);
+      if (!choice || !(choice->cost < best_cost)) continue;
+      best_cost = choice->cost;
+      target = &d;
+      victims.clear();
+      freed = 0;
+      for (std::size_t i : choice->victims) {
+        victims.push_back(candidates[i].reservation->key);
+        freed += candidates[i].reservation->bytes;
+      }
+    }
+  }
+
+  if (target) {
+    DeviceState& d = const_cast<DeviceState&>(*target);
+    for (const auto& v : victims) move_to_unloading_locked(reservations_.at(v));
+    Reservation r;
+    r.key = key;
+    r.device = d.spec.id;
+    r.state = ReservationState::Loading;
+    r.bytes = r.estimated_bytes = bytes_needed;
+    r.keep_alive = keep_alive;
+    r.admitted_at = r.last_used = now;
+    d.reserved += bytes_needed;
+    ++d.models;
+    reservations_.emplace(key, std::move(r));
+    return {AdmitOutcome::Load, d.spec.id, std::move(victims), freed, {}};
+  }
+
+  // 3. Would it fit once busy and loading models go idle? Pinned models never leave.
+  std::uint64_t largest_budget = 0;
+  for (const auto& d : devices_) {
+    largest_budget = std::max(largest_budget, d.budget());
+    std::uint64_t pinned_bytes = 0;
+    std::uint32_t pinned_models = 0;
+    for (const auto& [k, r] : reservations_) {
+      if (r.device == d.spec.id && r.pinned && r.state != ReservationState::Unloading) {
+        pinned_bytes += r.bytes;
+        ++pinned_models;
+      }
+    }
+    if (pinned_bytes + bytes_needed <= d.budget() && pinned_models < d.spec.max_models) {
+      return {AdmitOutcome::Wait, d.spec.id, {}, 0,
+              "model '" + key + "' fits on device '" + d.spec.id + "' once busy models go idle"};
+    }
+  }
+  if (bytes_needed > largest_budget) {
+    return {AdmitOutcome::TooLarge, {}, {}, 0,
+            "model '" + key + "' needs " + bytes_text(bytes_needed) +
+                " but the largest device budget is " + bytes_text(largest_budget)};
+  }
+  return {AdmitOutcome::TooLarge, {}, {}, 0,
+          "model '" + key + "' needs " + bytes_text(bytes_needed) +
+              " and fits on no device beside its pinned models"};
+}
+
+void ResidentSet::loaded(const std::string& key, Nanos now, double load_seconds,
+                         std::optional<std::uint64_t> measured_bytes) {
+  if (!(load_seconds >= 0.0)) throw InvalidArgument("load_seconds must be ≥ 0");
+  if (measured_bytes) check_bytes(*measured_bytes, "measured bytes");
+  std::lock_guard lock(mutex_);
+  Reservation& r = find_locked(key);
+  if (r.state != ReservationState::Loading) {
+    throw InvalidState("model '" + key + "' is " + to_string(r.state) + ", not loading");
+  }
+  DeviceState& d = device_locked(r.device);
+  if (measured_bytes) {
+    if (d.reserved - r.bytes + *measured_bytes > d.budget()) {
+      throw BudgetExceeded("model '" + key + "' measured " + bytes_text(*measured_bytes) +
+                           ", more than device '" + d.spec.id + "' can hold beside the others");
+    }
+    d.reserved = d.reserved - r.bytes + *measured_bytes;
+    r.bytes = *measured_bytes;
+    r.measured = true;
+  }
+  r.state = ReservationState::Ready;
+  r.loaded_at = r.last_used = now;
+  r.load_seconds = load_seconds;
+  if (r.refcount == 0) start_keep_alive_locked(r, now);
+  ModelStats& s = stats_[key];
+  ++s.loads;
+  s.last_load_seconds = load_seconds;
+  s.last_bytes = r.bytes;
+  policy_->on_loaded(r, s);
+}
+
+void ResidentSet::acquire(const std::string& key, Nanos now) {
+  std::lock_guard lock(mutex_);
+  Reservation& r = find_locked(key);
+  if (r.state == ReservationState::Unloading) {
+    throw InvalidState("model '" + key + "' is unloading");
+  }
+  ++r.refcount;
+  ++r.hits;
+  r.last_used = now;
+  r.expires_at = kNever;
+  ModelStats& s = stats_[key];
+  ++s.requests;
+  s.last_used = now;
+  policy_->on_request(key, s, now);
+}
+
+void ResidentSet::release(const std::string& key, Nanos now, std::optional<Nanos> keep_alive) {
+  std::lock_guard lock(mutex_);
+  Reservation& r = find_locked(key);
+  if (r.refcount == 0) throw NotAcquired("model '" + key + "' released more often than acquired");
+  --r.refcount;
+  r.last_used = now;
+  if (keep_alive) r.keep_alive = *keep_alive;
+  if (r.refcount == 0 && r.state == ReservationState::Ready) start_keep_alive_locked(r, now);
+}
+
+std::vector<std::string> ResidentSet::expired(Nanos now) const {
+  std::lock_guard lock(mutex_);
+  std::vector<const Reservation*> due;
+  for (const auto& [k, r] : reservations_) {
+    if (r.state == ReservationState::Ready && r.refcount == 0 && r.expires_at <= now) {
+      due.push_back(&r);
+    }
+  }
+  std::sort(due.begin(), due.end(), [](const Reservation* a, const Reservation* b) {
+    return a->expires_at != b->expires_at ? a->expires_at < b->expires_at : a->key < b->key;
+  });
+  std::vector<std::string> keys;
+  keys.reserve(due.size());
+  for (const auto* r : due) keys.push_back(r->key);
+  return keys;
+}
+
+std::optional<Nanos> ResidentSet::next_expiry() const {
+  std::lock_guard lock(mutex_);
+  std::optional<Nanos> next;
+  for (const auto& [k, r] : reservations_) {
+    if (r.state == ReservationState::Ready && r.refcount == 0 && r.expires_at != kNever) {
+      if (!next || r.expires_at < *next) next = r.expires_at;
+    }
+  }
+  return next;
+}
+
+std::uint64_t ResidentSet::begin_unload(const std::string& key, bool force) {
+  std::lock_guard lock(mutex_);
+  Reservation& r = find_locked(key);
+  if (r.state == ReservationState::Unloading) {
+    throw InvalidState("model '" + key + "' is already unloading");
+  }
+  if (r.refcount > 0 && !force) {
+    throw ModelBusy("model '" + key + "' is in use by " + std::to_string(r.refcount) +
+                    " request(s)");
+  }
+  // A forced unload means the runner is gone: the references held on it die with it.
+  r.refcount = 0;
+  move_to_unloading_locked(r);
+  return r.bytes;
+}
+
+void ResidentSet::unloaded(const std::string& key) {
+  std::lock_guard lock(mutex_);
+  Reservation& r = find_locked(key);
+  if (r.state != ReservationState::Unloading) {
+    throw InvalidState("model '" + key + "' is " + to_string(r.state) +
+                       ": call begin_unload() first");
+  }
+  device_locked(r.device).unloading -= r.bytes;
+  reservations_.erase(key);
+}
+
+void ResidentSet::update_measured_bytes(const std::string& key, std::uint64_t bytes) {
+  check_bytes(bytes, "measured bytes");
+  std::lock_guard lock(mutex_);
+  Reservation& r = find_locked(key);
+  if (r.state == ReservationState::Unloading) {
+    throw InvalidState("model '" + key + "' is unloading");
+  }
+  DeviceState& d = device_locked(r.device);
+  if (d.reserved - r.bytes + bytes > d.budget()) {
+    throw BudgetExceeded("model '" + key + "' measured " + bytes_text(bytes) + ", more than device '" +
+                         d.spec.id + "' can hold beside the others");
+  }
+  d.reserved = d.reserved - r.bytes + bytes;
+  r.bytes = bytes;
+  r.measured = true;
+  stats_[key].last_bytes = bytes;
+}
+
+void ResidentSet::set_pinned(const std::string& key, bool pinned, Nanos now) {
+  std::lock_guard lock(mutex_);
+  Reservation& r = find_locked(key);
+  r.pinned = pinned;
+  if (r.state == ReservationState::Ready && r.refcount == 0) start_keep_alive_locked(r, now);
+}
+
+std::optional<Reservation> ResidentSet::reservation(const std::string& key) const {
+  std::lock_guard lock(mutex_);
+  auto it = reservations_.find(key);
+  if (it == reservations_.end()) return std::nullopt;
+  return it->second;
+}
+
+std::vector<Reservation> ResidentSet::snapshot() const {
+  std::lock_guard lock(mutex_);
+  std::vector<Reservation> out;
+  out.reserve(reservations_.size());
+  for (const auto& [k, r] : reservations_) out.push_back(r);
+  std::sort(out.begin(), out.end(),
+            [](const Reservation& a, const Reservation& b) { return a.key < b.key; });
+  return out;
+}
+
+std::vector<DeviceUsage> ResidentSet::devices() const {
+  std::lock_guard lock(mutex_);
+  std::vector<DeviceUsage> out;
+  out.reserve(devices_.size());
+  for (const auto& d : devices_) out.push_back(usage_locked(d));
+  return out;
+}
+
+std::optional<ModelStats> ResidentSet::stats(const std::string& key) const {
+  std::lock_guard lock(mutex_);
+  auto it = stats_.find(key);
+  if (it == stats_.end()) return std::nullopt;
+  return it->second;
+}
+
+std::string ResidentSet::policy_name() const {
+  std::lock_guard lock(mutex_);
+  return std::string(policy_->name());
+}
+
+}  // namespace residency

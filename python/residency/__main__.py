@@ -1,0 +1,3 @@
+from residency.cli import main
+
+raise SystemExit(main())
