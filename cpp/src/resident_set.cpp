@@ -79,23 +79,16 @@ void ResidentSet::add_device_locked(const DeviceSpec& spec) {
   devices_.push_back(DeviceState{spec});
 }
 
-Reservation& ResidentSet::find_locked(const std::string& key) {
+ResidentSet::Slot& ResidentSet::find_locked(const std::string& key) {
   auto it = reservations_.find(key);
   if (it == reservations_.end()) throw UnknownModel("model '" + key + "' is not resident");
   return it->second;
 }
 
-const Reservation& ResidentSet::find_locked(const std::string& key) const {
+const ResidentSet::Slot& ResidentSet::find_locked(const std::string& key) const {
   auto it = reservations_.find(key);
   if (it == reservations_.end()) throw UnknownModel("model '" + key + "' is not resident");
   return it->second;
-}
-
-ResidentSet::DeviceState& ResidentSet::device_locked(const std::string& id) {
-  for (auto& d : devices_) {
-    if (d.spec.id == id) return d;
-  }
-  throw UnknownDevice("no device '" + id + "'");
 }
 
 DeviceUsage ResidentSet::usage_locked(const DeviceState& d) const {
@@ -107,14 +100,15 @@ void ResidentSet::start_keep_alive_locked(Reservation& r, Nanos now) const {
   r.expires_at = (r.pinned || r.keep_alive < 0) ? kNever : saturating_add(now, r.keep_alive);
 }
 
-void ResidentSet::move_to_unloading_locked(Reservation& r) {
-  DeviceState& d = device_locked(r.device);
+void ResidentSet::move_to_unloading_locked(Slot& slot) {
+  Reservation& r = slot.r;
+  DeviceState& d = devices_[slot.device];
   d.reserved -= r.bytes;
   d.unloading += r.bytes;
   --d.models;
   r.state = ReservationState::Unloading;
   r.expires_at = kNever;
-  policy_->on_evicted(r, stats_[r.key]);
+  policy_->on_evicted(r, *slot.stats);
 }
 
 AdmitDecision ResidentSet::admit(const std::string& key, std::uint64_t bytes_needed, Nanos now,
@@ -124,7 +118,7 @@ AdmitDecision ResidentSet::admit(const std::string& key, std::uint64_t bytes_nee
   std::lock_guard lock(mutex_);
 
   if (auto it = reservations_.find(key); it != reservations_.end()) {
-    const Reservation& r = it->second;
+    const Reservation& r = it->second.r;
     if (r.state == ReservationState::Unloading) {
       return {AdmitOutcome::Wait, r.device, {}, 0, "model '" + key + "' is still unloading"};
     }
@@ -135,58 +129,57 @@ AdmitDecision ResidentSet::admit(const std::string& key, std::uint64_t bytes_nee
   }
 
   // 1. A device where it fits as things are: the one with the most free budget (spreads load).
-  const DeviceState* best_free = nullptr;
-  for (const auto& d : devices_) {
+  std::optional<std::size_t> target;
+  for (std::size_t i = 0; i < devices_.size(); ++i) {
+    const DeviceState& d = devices_[i];
     if (d.reserved + bytes_needed <= d.budget() && d.models < d.spec.max_models) {
-      if (!best_free || d.budget() - d.reserved > best_free->budget() - best_free->reserved) {
-        best_free = &d;
-      }
+      const auto& best = devices_[target.value_or(i)];
+      if (!target || d.budget() - d.reserved > best.budget() - best.reserved) target = i;
     }
   }
 
   std::vector<std::string> victims;
   std::uint64_t freed = 0;
-  const DeviceState* target = best_free;
 
-  // 2. Otherwise the device whose eviction the policy rates cheapest.
+  // 2. Otherwise the device whose eviction the policy rates cheapest. One pass buckets the idle,
+  //    unpinned, ready models by device; candidates arrive in no particular order, so policies
+  //    break ties by a total order of their own.
   if (!target) {
+    std::vector<std::vector<Candidate>> idle(devices_.size());
+    for (auto& [k, slot] : reservations_) {
+      const Reservation& r = slot.r;
+      if (r.state == ReservationState::Ready && r.refcount == 0 && !r.pinned) {
+        idle[slot.device].push_back(Candidate{&r, slot.stats});
+      }
+    }
     double best_cost = std::numeric_limits<double>::infinity();
-    std::vector<Candidate> candidates;
-    for (const auto& d : devices_) {
+    for (std::size_t i = 0; i < devices_.size(); ++i) {
+      const DeviceState& d = devices_[i];
       if (bytes_needed > d.budget()) continue;
       const DeviceUsage usage = usage_locked(d);
       EvictionNeed need{&usage, 0, 0, now};
-      if (d.reserved + bytes_needed > d.budget()) need.bytes_to_free = d.reserved + bytes_needed - d.budget();
-      if (d.models + 1 > d.spec.max_models) need.slots_to_free = d.models + 1 - d.spec.max_models;
-
-      candidates.clear();
-      for (const auto& [k, r] : reservations_) {
-        if (r.device == d.spec.id && r.state == ReservationState::Ready && r.refcount == 0 &&
-            !r.pinned) {
-          candidates.push_back(Candidate{&r, &stats_[k]});
-        }
+      if (d.reserved + bytes_needed > d.budget()) {
+        need.bytes_to_free = d.reserved + bytes_needed - d.budget();
       }
-      // unordered_map order is arbitrary: give policies a stable input.
-      std::sort(candidates.begin(), candidates.end(), [](const Candidate& a, const Candidate& b) {
-        return a.reservation->key < b.reservation->key;
-      });
-      auto choice = policy_->choose_victims(candidates, need);
+      if (d.models + 1 > d.spec.max_models) need.slots_to_free = d.models + 1 - d.spec.max_models;
+      auto choice = policy_->choose_victims(idle[i], need);
       if (!choice || !(choice->cost < best_cost)) continue;
       best_cost = choice->cost;
-      target = &d;
+      target = i;
       victims.clear();
       freed = 0;
-      for (std::size_t i : choice->victims) {
-        victims.push_back(candidates[i].reservation->key);
-        freed += candidates[i].reservation->bytes;
+      for (std::size_t v : choice->victims) {
+        victims.push_back(idle[i][v].reservation->key);
+        freed += idle[i][v].reservation->bytes;
       }
     }
   }
 
   if (target) {
-    DeviceState& d = const_cast<DeviceState&>(*target);
+    DeviceState& d = devices_[*target];
     for (const auto& v : victims) move_to_unloading_locked(reservations_.at(v));
-    Reservation r;
+    Slot slot{Reservation{}, *target, &stats_[key]};
+    Reservation& r = slot.r;
     r.key = key;
     r.device = d.spec.id;
     r.state = ReservationState::Loading;
@@ -195,23 +188,24 @@ AdmitDecision ResidentSet::admit(const std::string& key, std::uint64_t bytes_nee
     r.admitted_at = r.last_used = now;
     d.reserved += bytes_needed;
     ++d.models;
-    reservations_.emplace(key, std::move(r));
+    reservations_.emplace(key, std::move(slot));
     return {AdmitOutcome::Load, d.spec.id, std::move(victims), freed, {}};
   }
 
   // 3. Would it fit once busy and loading models go idle? Pinned models never leave.
-  std::uint64_t largest_budget = 0;
-  for (const auto& d : devices_) {
-    largest_budget = std::max(largest_budget, d.budget());
-    std::uint64_t pinned_bytes = 0;
-    std::uint32_t pinned_models = 0;
-    for (const auto& [k, r] : reservations_) {
-      if (r.device == d.spec.id && r.pinned && r.state != ReservationState::Unloading) {
-        pinned_bytes += r.bytes;
-        ++pinned_models;
-      }
+  std::vector<std::uint64_t> pinned_bytes(devices_.size(), 0);
+  std::vector<std::uint32_t> pinned_models(devices_.size(), 0);
+  for (const auto& [k, slot] : reservations_) {
+    if (slot.r.pinned && slot.r.state != ReservationState::Unloading) {
+      pinned_bytes[slot.device] += slot.r.bytes;
+      ++pinned_models[slot.device];
     }
-    if (pinned_bytes + bytes_needed <= d.budget() && pinned_models < d.spec.max_models) {
+  }
+  std::uint64_t largest_budget = 0;
+  for (std::size_t i = 0; i < devices_.size(); ++i) {
+    const DeviceState& d = devices_[i];
+    largest_budget = std::max(largest_budget, d.budget());
+    if (pinned_bytes[i] + bytes_needed <= d.budget() && pinned_models[i] < d.spec.max_models) {
       return {AdmitOutcome::Wait, d.spec.id, {}, 0,
               "model '" + key + "' fits on device '" + d.spec.id + "' once busy models go idle"};
     }
@@ -231,11 +225,12 @@ void ResidentSet::loaded(const std::string& key, Nanos now, double load_seconds,
   if (!(load_seconds >= 0.0)) throw InvalidArgument("load_seconds must be ≥ 0");
   if (measured_bytes) check_bytes(*measured_bytes, "measured bytes");
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key);
+  Slot& slot = find_locked(key);
+  Reservation& r = slot.r;
   if (r.state != ReservationState::Loading) {
     throw InvalidState("model '" + key + "' is " + to_string(r.state) + ", not loading");
   }
-  DeviceState& d = device_locked(r.device);
+  DeviceState& d = devices_[slot.device];
   if (measured_bytes) {
     if (d.reserved - r.bytes + *measured_bytes > d.budget()) {
       throw BudgetExceeded("model '" + key + "' measured " + bytes_text(*measured_bytes) +
@@ -249,7 +244,7 @@ void ResidentSet::loaded(const std::string& key, Nanos now, double load_seconds,
   r.loaded_at = r.last_used = now;
   r.load_seconds = load_seconds;
   if (r.refcount == 0) start_keep_alive_locked(r, now);
-  ModelStats& s = stats_[key];
+  ModelStats& s = *slot.stats;
   ++s.loads;
   s.last_load_seconds = load_seconds;
   s.last_bytes = r.bytes;
@@ -258,7 +253,8 @@ void ResidentSet::loaded(const std::string& key, Nanos now, double load_seconds,
 
 void ResidentSet::acquire(const std::string& key, Nanos now) {
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key);
+  Slot& slot = find_locked(key);
+  Reservation& r = slot.r;
   if (r.state == ReservationState::Unloading) {
     throw InvalidState("model '" + key + "' is unloading");
   }
@@ -266,7 +262,7 @@ void ResidentSet::acquire(const std::string& key, Nanos now) {
   ++r.hits;
   r.last_used = now;
   r.expires_at = kNever;
-  ModelStats& s = stats_[key];
+  ModelStats& s = *slot.stats;
   ++s.requests;
   s.last_used = now;
   policy_->on_request(key, s, now);
@@ -274,7 +270,7 @@ void ResidentSet::acquire(const std::string& key, Nanos now) {
 
 void ResidentSet::release(const std::string& key, Nanos now, std::optional<Nanos> keep_alive) {
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key);
+  Reservation& r = find_locked(key).r;
   if (r.refcount == 0) throw NotAcquired("model '" + key + "' released more often than acquired");
   --r.refcount;
   r.last_used = now;
@@ -285,7 +281,8 @@ void ResidentSet::release(const std::string& key, Nanos now, std::optional<Nanos
 std::vector<std::string> ResidentSet::expired(Nanos now) const {
   std::lock_guard lock(mutex_);
   std::vector<const Reservation*> due;
-  for (const auto& [k, r] : reservations_) {
+  for (const auto& [k, slot] : reservations_) {
+    const Reservation& r = slot.r;
     if (r.state == ReservationState::Ready && r.refcount == 0 && r.expires_at <= now) {
       due.push_back(&r);
     }
@@ -302,7 +299,8 @@ std::vector<std::string> ResidentSet::expired(Nanos now) const {
 std::optional<Nanos> ResidentSet::next_expiry() const {
   std::lock_guard lock(mutex_);
   std::optional<Nanos> next;
-  for (const auto& [k, r] : reservations_) {
+  for (const auto& [k, slot] : reservations_) {
+    const Reservation& r = slot.r;
     if (r.state == ReservationState::Ready && r.refcount == 0 && r.expires_at != kNever) {
       if (!next || r.expires_at < *next) next = r.expires_at;
     }
@@ -312,7 +310,8 @@ std::optional<Nanos> ResidentSet::next_expiry() const {
 
 std::uint64_t ResidentSet::begin_unload(const std::string& key, bool force) {
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key);
+  Slot& slot = find_locked(key);
+  Reservation& r = slot.r;
   if (r.state == ReservationState::Unloading) {
     throw InvalidState("model '" + key + "' is already unloading");
   }
@@ -322,29 +321,31 @@ std::uint64_t ResidentSet::begin_unload(const std::string& key, bool force) {
   }
   // A forced unload means the runner is gone: the references held on it die with it.
   r.refcount = 0;
-  move_to_unloading_locked(r);
+  move_to_unloading_locked(slot);
   return r.bytes;
 }
 
 void ResidentSet::unloaded(const std::string& key) {
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key);
+  Slot& slot = find_locked(key);
+  const Reservation& r = slot.r;
   if (r.state != ReservationState::Unloading) {
     throw InvalidState("model '" + key + "' is " + to_string(r.state) +
                        ": call begin_unload() first");
   }
-  device_locked(r.device).unloading -= r.bytes;
+  devices_[slot.device].unloading -= r.bytes;
   reservations_.erase(key);
 }
 
 void ResidentSet::update_measured_bytes(const std::string& key, std::uint64_t bytes) {
   check_bytes(bytes, "measured bytes");
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key);
+  Slot& slot = find_locked(key);
+  Reservation& r = slot.r;
   if (r.state == ReservationState::Unloading) {
     throw InvalidState("model '" + key + "' is unloading");
   }
-  DeviceState& d = device_locked(r.device);
+  DeviceState& d = devices_[slot.device];
   if (d.reserved - r.bytes + bytes > d.budget()) {
     throw BudgetExceeded("model '" + key + "' measured " + bytes_text(bytes) + ", more than device '" +
                          d.spec.id + "' can hold beside the others");
@@ -352,12 +353,12 @@ void ResidentSet::update_measured_bytes(const std::string& key, std::uint64_t by
   d.reserved = d.reserved - r.bytes + bytes;
   r.bytes = bytes;
   r.measured = true;
-  stats_[key].last_bytes = bytes;
+  slot.stats->last_bytes = bytes;
 }
 
 void ResidentSet::set_pinned(const std::string& key, bool pinned, Nanos now) {
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key);
+  Reservation& r = find_locked(key).r;
   r.pinned = pinned;
   if (r.state == ReservationState::Ready && r.refcount == 0) start_keep_alive_locked(r, now);
 }
@@ -366,14 +367,14 @@ std::optional<Reservation> ResidentSet::reservation(const std::string& key) cons
   std::lock_guard lock(mutex_);
   auto it = reservations_.find(key);
   if (it == reservations_.end()) return std::nullopt;
-  return it->second;
+  return it->second.r;
 }
 
 std::vector<Reservation> ResidentSet::snapshot() const {
   std::lock_guard lock(mutex_);
   std::vector<Reservation> out;
   out.reserve(reservations_.size());
-  for (const auto& [k, r] : reservations_) out.push_back(r);
+  for (const auto& [k, slot] : reservations_) out.push_back(slot.r);
   std::sort(out.begin(), out.end(),
             [](const Reservation& a, const Reservation& b) { return a.key < b.key; });
   return out;

@@ -70,18 +70,24 @@ class ResidentSet {
     [[nodiscard]] std::uint64_t budget() const { return spec.total_bytes - spec.overhead_bytes; }
   };
 
-  Reservation& find_locked(const std::string& key);
-  const Reservation& find_locked(const std::string& key) const;
-  DeviceState& device_locked(const std::string& id);
+  /// A reservation with what the hot paths need without another lookup.
+  struct Slot {
+    Reservation r;
+    std::size_t device;  ///< index into devices_
+    ModelStats* stats;   ///< node in stats_ (unordered_map nodes never move)
+  };
+
+  Slot& find_locked(const std::string& key);
+  const Slot& find_locked(const std::string& key) const;
   void add_device_locked(const DeviceSpec& spec);
   [[nodiscard]] DeviceUsage usage_locked(const DeviceState& d) const;
   void start_keep_alive_locked(Reservation& r, Nanos now) const;
-  void move_to_unloading_locked(Reservation& r);
+  void move_to_unloading_locked(Slot& slot);
 
   /// Guards every field below.
   mutable std::mutex mutex_;
   std::vector<DeviceState> devices_;
-  std::unordered_map<std::string, Reservation> reservations_;
+  std::unordered_map<std::string, Slot> reservations_;
   std::unordered_map<std::string, ModelStats> stats_;
   std::unique_ptr<EvictionPolicy> policy_;
 };
