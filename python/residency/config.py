@@ -1,0 +1,339 @@
+"""Settings from a TOML file, the environment and explicit overrides.
+
+Priority, highest first: keyword overrides, environment variables, the TOML file, defaults. Both
+residency's own variables (``RESIDENCY_KEEP_ALIVE``) and Ollama's (``OLLAMA_KEEP_ALIVE``) are read,
+so users migrating from Ollama change nothing; residency's name wins when both are set.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from residency.errors import ConfigError, InvalidArgumentError
+from residency.keepalive import parse_keep_alive
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+__all__ = ["ModelConfig", "RunnerKind", "Settings", "load_settings"]
+
+RunnerKind = Literal["llama-cpp-python", "llama-server", "command"]
+
+#: The environment variable naming a config file when load_settings() gets none.
+CONFIG_ENV = "RESIDENCY_CONFIG"
+
+
+def _alias(name: str, *extra: str) -> AliasChoices:
+    """residency's variable first, then Ollama's, then the plain field name (TOML, keywords)."""
+    upper = name.upper()
+    choices = [f"RESIDENCY_{upper}", f"OLLAMA_{upper}", name]
+    return AliasChoices(*choices, *extra)
+
+
+class ModelConfig(BaseModel):
+    """One model as configured: a file, the runner that serves it, and its load options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    #: The model file (GGUF for the llama.cpp runners; anything a `command` template understands).
+    path: Path
+    runner: RunnerKind = "llama-cpp-python"
+    #: Context length; None = min(settings.default_ctx, the model's training context).
+    ctx: int | None = Field(default=None, gt=0)
+    #: Parallel request slots; None = settings.num_parallel.
+    parallel: int | None = Field(default=None, gt=0)
+    kv_type: str = "f16"
+    #: Layers offloaded to the GPU: an int (-1 = all), or "auto" (all that fit; 0 on the host).
+    gpu_layers: int | Literal["auto"] = "auto"
+    #: This model's default keep-alive ("10m", "300", "-1"); None = settings.keep_alive.
+    keep_alive: str | None = None
+    #: Pinned models are never evicted and never expire.
+    pinned: bool = False
+    #: For runner "command": argv template with {model} {port} {host} {ctx} {parallel} {gpu_layers}
+    #: {kv_type} placeholders. Never run through a shell.
+    command: list[str] | None = None
+    health_path: str = "/v1/models"
+    env: dict[str, str] = Field(default_factory=dict)
+    #: Extra arguments appended to the llama.cpp runners' command line.
+    args: list[str] = Field(default_factory=list)
+    #: Bytes to reserve, overriding the estimate (for runners whose files cannot be estimated).
+    memory: int | None = Field(default=None, gt=0)
+    #: Start the runner with embeddings on, so /api/embed works with any model (as in Ollama).
+    #: None = the kind's default: on for llama-cpp-python (generation still works; it costs a
+    #: larger output buffer), off for llama-server (older builds then serve only embeddings).
+    embedding: bool | None = None
+    #: llama-cpp-python's chat format; None = the GGUF's template, else one guessed from the family.
+    chat_format: str | None = None
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive_text(cls, value: object) -> object:
+        # TOML users write `keep_alive = 300` or `-1`; store the text, parse it where it is used.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive_valid(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_duration("keep_alive", value)
+        return value
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("health_path must start with '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _command_given(self) -> ModelConfig:
+        if self.runner == "command" and not self.command:
+            raise ValueError(f"model {self.name!r}: runner 'command' needs a `command` template")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything residency is configured with. See ``load_settings`` for where values come from."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RESIDENCY_",
+        extra="forbid",
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+    host: str = Field(
+        default="127.0.0.1", validation_alias=AliasChoices("RESIDENCY_HOST", "OLLAMA_HOST", "host")
+    )
+    port: int = Field(default=11434, ge=0, le=65535, validation_alias=_alias("port"))
+    keep_alive: str = Field(default="5m", validation_alias=_alias("keep_alive"))
+    #: Per device (Ollama: 3 per GPU).
+    max_loaded_models: int = Field(default=3, gt=0, validation_alias=_alias("max_loaded_models"))
+    num_parallel: int = Field(default=1, gt=0, validation_alias=_alias("num_parallel"))
+    max_queue: int = Field(default=512, gt=0, validation_alias=_alias("max_queue"))
+    #: Bytes reserved per GPU for the driver and other processes (Ollama's OLLAMA_GPU_OVERHEAD).
+    gpu_overhead: int = Field(default=0, ge=0, validation_alias=_alias("gpu_overhead"))
+    #: A load that shows no progress for this long fails (a duration or seconds).
+    load_timeout: str = Field(default="5m", validation_alias=_alias("load_timeout"))
+    recovery_timeout_s: float = Field(default=5.0, gt=0)
+    #: Health ping timeout before reusing an idle runner.
+    ping_timeout_s: float = Field(default=10.0, gt=0)
+    #: SIGTERM to SIGKILL deadline when stopping a runner.
+    stop_timeout_s: float = Field(default=10.0, gt=0)
+    policy: str = "ollama"
+    probe: Literal["auto", "cuda", "nvml", "host", "simulated"] = "auto"
+    #: A simulated device file (residency.memory.SimulatedDevice): the test double of a GPU.
+    simulated_device: Path | None = None
+    #: Caps each device's memory as residency sees it (bytes); None = the device's total.
+    memory_limit: int | None = Field(default=None, gt=0)
+    models: list[ModelConfig] = Field(default_factory=list)
+    #: Every *.gguf in this directory becomes a model named after its file.
+    models_dir: Path | None = Field(default=None, validation_alias=_alias("models_dir", "models"))
+    preload: list[str] = Field(default_factory=list)
+    default_ctx: int = Field(default=4096, gt=0)
+    #: The llama.cpp `llama-server` binary; None = look it up on PATH.
+    llama_server: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_host_port(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        key = next(
+            (k for k in ("host", "RESIDENCY_HOST", "OLLAMA_HOST") if k in data),
+            None,
+        )
+        if key is None or not isinstance(data[key], str):
+            return data
+        host, port = _parse_host(data[key])
+        data = dict(data)
+        data[key] = host
+        if port is not None and not any(k in data for k in ("port", "RESIDENCY_PORT")):
+            data["port"] = port
+        return data
+
+    @field_validator("keep_alive", "load_timeout", mode="before")
+    @classmethod
+    def _duration_text(cls, value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @field_validator("keep_alive", "load_timeout")
+    @classmethod
+    def _duration_valid(cls, value: str, info: Any) -> str:
+        _parse_duration(info.field_name, value)
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_known(cls, value: str) -> str:
+        from residency._core import policy_names
+
+        if value not in policy_names():
+            raise ValueError(f"unknown policy {value!r}; known: {', '.join(policy_names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> Settings:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model {model.name!r} is configured twice")
+            seen.add(model.name)
+        return self
+
+    # Derived values, parsed once from the text forms users write.
+    def keep_alive_ns(self) -> int:
+        """The default keep-alive in the core's nanoseconds (< 0 forever, 0 unload when idle)."""
+        return parse_keep_alive(self.keep_alive)
+
+    def load_timeout_s(self) -> float:
+        """Seconds of no load progress after which a load fails; 0 or less = never."""
+        ns = parse_keep_alive(self.load_timeout)
+        return float("inf") if ns < 0 else ns / 1e9
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+
+def _parse_duration(field: str, value: str) -> int:
+    try:
+        return parse_keep_alive(value)
+    except InvalidArgumentError as err:
+        raise ValueError(f"{field}: {err}") from None
+
+
+def _parse_host(text: str) -> tuple[str, int | None]:
+    """Ollama's OLLAMA_HOST forms: "host", "host:port", ":port", "scheme://host:port"."""
+    rest = text.strip()
+    if "://" in rest:
+        rest = rest.split("://", 1)[1]
+    rest = rest.rstrip("/")
+    if rest.startswith("["):  # [::1]:11434
+        host, _, tail = rest[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+    else:
+        host, port_text = rest, ""
+    port = None
+    if port_text:
+        if not port_text.isdigit():
+            raise ValueError(f"host {text!r}: port {port_text!r} is not a number")
+        port = int(port_text)
+    return host or "127.0.0.1", port
+
+
+#: The TOML file's contents for the Settings being built (set by load_settings only).
+_TOML_DATA: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "residency_toml_data", default=None
+)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The config file, below the environment and keywords in priority."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        data = _TOML_DATA.get() or {}
+        return data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_TOML_DATA.get() or {})
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `config_file` (or ``$RESIDENCY_CONFIG``), the environment and `overrides`.
+
+    Relative model paths in the file are taken relative to the file. Raises ConfigError with the
+    file, the field and what is wrong.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = os.environ[CONFIG_ENV]
+    data: dict[str, Any] = {}
+    source = "settings"
+    if config_file is not None:
+        path = Path(config_file).expanduser()
+        source = str(path)
+        data = _read_toml(path)
+    token = _TOML_DATA.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+    finally:
+        _TOML_DATA.reset(token)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    base = path.parent
+    # Paths in the file are relative to the file, not to wherever the server was started.
+    for key in ("models_dir", "simulated_device"):
+        if isinstance(data.get(key), str):
+            data[key] = str(_relative_to(base, data[key]))
+    models = data.get("models")
+    if isinstance(models, list):
+        data["models"] = [
+            {**m, "path": str(_relative_to(base, m["path"]))}
+            if isinstance(m, dict) and isinstance(m.get("path"), str)
+            else m
+            for m in models
+        ]
+    return data
+
+
+def _relative_to(base: Path, text: str) -> Path:
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "settings"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,200 @@
+"""The model registry: every model a client may ask for, from the config and a models directory.
+
+Entries are plain values built once at start-up. Names resolve as Ollama's do: ``name`` and
+``name:latest`` are the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from residency.config import ModelConfig, Settings
+from residency.embedded import DEFAULT_MODEL_NAME, default_model_path
+from residency.errors import ConfigError, ModelNotFoundError
+
+__all__ = ["ModelEntry", "Registry", "gguf_details"]
+
+log = logging.getLogger(__name__)
+
+_LATEST = ":latest"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A configured model as clients see it (/api/tags, /api/show, /v1/models)."""
+
+    name: str
+    path: Path
+    #: The file's size; 0 when the path is not a file (a `command` runner's model id).
+    size_bytes: int
+    modified_at: datetime
+    #: sha256 over path, size and mtime: changes when the file does, without reading 100s of GB.
+    digest: str
+    runner: str
+    #: The configuration the entry came from (load options, keep-alive, pinned, command, env).
+    config: ModelConfig
+    #: format "gguf", family, parameter_size, quantization_level, context_length (from the header).
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The configured load options (None = default)."""
+        c = self.config
+        return {
+            "ctx": c.ctx,
+            "parallel": c.parallel,
+            "kv_type": c.kv_type,
+            "gpu_layers": c.gpu_layers,
+        }
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's training context, when the header says."""
+        value = self.details.get("context_length")
+        return value if isinstance(value, int) else None
+
+
+class Registry:
+    """Name → ModelEntry. Built from settings.models, then settings.models_dir; the embedded default
+    Gemma 3 270M when neither names any model."""
+
+    def __init__(self, entries: Iterable[ModelEntry]) -> None:
+        self._entries: dict[str, ModelEntry] = {}
+        for entry in entries:
+            if _canonical(entry.name) in self._entries:
+                raise ConfigError(f"model {entry.name!r} is configured twice")
+            self._entries[_canonical(entry.name)] = entry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        configs = list(settings.models)
+        names = {_canonical(c.name) for c in configs}
+        if settings.models_dir is not None:
+            for c in _scan_dir(settings.models_dir):
+                if _canonical(c.name) not in names:  # an explicit entry wins over the file
+                    configs.append(c)
+                    names.add(_canonical(c.name))
+        if not configs:
+            configs.append(ModelConfig(name=DEFAULT_MODEL_NAME, path=default_model_path()))
+        return cls(make_entry(c) for c in configs)
+
+    def resolve(self, name: str) -> ModelEntry:
+        """The entry for `name` ("gemma3:270m", "mymodel", "mymodel:latest")."""
+        entry = self._entries.get(_canonical(name.strip()))
+        if entry is None:
+            known = ", ".join(sorted(e.name for e in self._entries.values())) or "none"
+            raise ModelNotFoundError(f"model {name!r} not found (configured models: {known})")
+        return entry
+
+    def entries(self) -> list[ModelEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _canonical(name: str) -> str:
+    return name.removesuffix(_LATEST)
+
+
+def _scan_dir(directory: Path) -> list[ModelConfig]:
+    if not directory.is_dir():
+        raise ConfigError(f"models_dir {directory} is not a directory")
+    return [
+        ModelConfig(name=p.stem, path=p.resolve())
+        for p in sorted(directory.glob("*.gguf"))
+        if p.is_file()
+    ]
+
+
+def make_entry(config: ModelConfig) -> ModelEntry:
+    """Stats the file and reads its GGUF header. A missing file is a ConfigError unless the model
+    runs through a `command` template (whose 'path' may be a model id such as a HF repo)."""
+    path = config.path.expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        if config.runner != "command":
+            raise ConfigError(f"model {config.name!r}: file {path} does not exist") from None
+        return ModelEntry(
+            name=config.name,
+            path=path,
+            size_bytes=0,
+            modified_at=datetime.now(timezone.utc),
+            digest=hashlib.sha256(str(path).encode()).hexdigest(),
+            runner=config.runner,
+            config=config,
+            details={"format": "unknown"},
+        )
+    digest = hashlib.sha256(
+        f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    ).hexdigest()
+    return ModelEntry(
+        name=config.name,
+        path=path,
+        size_bytes=st.st_size,
+        modified_at=datetime.fromtimestamp(st.st_mtime, timezone.utc),
+        digest=digest,
+        runner=config.runner,
+        config=config,
+        details=gguf_details(path),
+    )
+
+
+def gguf_details(path: Path) -> dict[str, Any]:
+    """Ollama's `details` from a GGUF header; {"format": "unknown"} for anything else."""
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                return {"format": "unknown"}
+        from gguf import GGUFReader, LlamaFileType
+
+        reader = GGUFReader(str(path), "r")
+    except Exception as err:  # a corrupt header must not take the registry down
+        log.warning("cannot read the GGUF header of %s: %s", path, err)
+        return {"format": "gguf"}
+
+    def value(key: str) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception:
+            return None
+
+    arch = value("general.architecture")
+    details: dict[str, Any] = {"format": "gguf"}
+    if isinstance(arch, str):
+        details["family"] = arch
+        details["families"] = [arch]
+    size_label = value("general.size_label")
+    if isinstance(size_label, str):
+        details["parameter_size"] = size_label
+    else:
+        params = sum(int(t.n_elements) for t in reader.tensors)
+        details["parameter_size"] = _human_params(params)
+    file_type = value("general.file_type")
+    if isinstance(file_type, int):
+        try:
+            details["quantization_level"] = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            details["quantization_level"] = f"type {file_type}"
+    ctx = value(f"{arch}.context_length") if isinstance(arch, str) else None
+    if isinstance(ctx, int):
+        details["context_length"] = ctx
+    details["has_chat_template"] = value("tokenizer.chat_template") is not None
+    return details
+
+
+def _human_params(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}".replace(".0", "")
+    return str(n)

@@ -1,0 +1,383 @@
+"""The runner interface and the process lifecycle every kind shares.
+
+A runner is one OS process serving one model over the OpenAI API on a loopback port. This module
+owns what is common: a free port, a process in its own group (never a shell), an output ring
+buffer, readiness with a stall-based timeout, a health ping, graceful stop with a SIGKILL deadline
+for the whole group, and noticing an exit the moment it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+
+from residency.errors import RunnerError
+
+__all__ = ["LaunchSpec", "Runner", "free_port"]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+# llama.cpp reports each buffer it allocates, e.g.
+#   "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB"
+#   "llama_kv_cache:      CUDA0 KV buffer size =    15.00 MiB"
+_BUFFER = re.compile(
+    r"\b(?P<dev>[A-Za-z][\w]*)\s+(?P<what>model|KV|compute|output|RS)\s+buffer size\s*=\s*"
+    r"(?P<size>[\d.]+)\s*(?P<unit>[KMG]i?B|B)\b"
+)
+_UNITS = {"B": 1, "KB": 1e3, "KiB": 1024, "MB": 1e6, "MiB": 1024**2, "GB": 1e9, "GiB": 1024**3}
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a runner needs to start one model, resolved (no "auto" left)."""
+
+    name: str
+    model_path: Path
+    ctx: int
+    parallel: int
+    kv_type: str
+    #: Layers on the GPU: -1 all, 0 none.
+    gpu_layers: int
+    #: "cuda:0", "host", "sim:0".
+    device: str = "host"
+    device_index: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    health_path: str | None = None
+    args: tuple[str, ...] = ()
+    #: Kind-specific options (command template, embedding, chat_format, binary, details).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port the kernel considers free now (the runner binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class Runner(ABC):
+    """One runner process. Use: start() → wait_ready() → serve through `client` → stop()."""
+
+    kind: ClassVar[str]
+    #: Whether the kind can run part of a model on the GPU and the rest on the CPU.
+    supports_offload: ClassVar[bool] = False
+    default_health_path: ClassVar[str] = "/v1/models"
+
+    def __init__(
+        self,
+        spec: LaunchSpec,
+        *,
+        port: int | None = None,
+        tail_lines: int = 64,
+        on_exit: Callable[[Runner], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.port = port if port is not None else free_port()
+        self.base_url = f"http://{LOOPBACK}:{self.port}"
+        self.health_path = spec.health_path or self.default_health_path
+        # One pooled client per runner, shared by every request it serves. Generation can take long:
+        # only connecting is bounded here; callers bound reads per request.
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=httpx.Timeout(None, connect=10.0)
+        )
+        self._on_exit = on_exit
+        self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._buffers: dict[str, int] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pgid: int | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+        self._stopping = False
+        self._last_output_s = 0.0
+        self.started_at_s = 0.0
+        self.ready_at_s = 0.0
+
+    # ---- what each kind defines -------------------------------------------------------------
+    @abstractmethod
+    def argv(self) -> list[str]:
+        """The command line; element 0 is the program. Never run through a shell."""
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"  # Python runners: output lines reach the ring buffer at once
+        if self.spec.on_gpu:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.spec.device_index)
+        env["RESIDENCY_DEVICE"] = self.spec.device
+        env.update(self.spec.env)
+        return env
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called: an exit after this is not a crash."""
+        return self._stopping
+
+    async def start(self) -> None:
+        """Spawns the process in its own process group. Raises RunnerError if it cannot start."""
+        if self._proc is not None:
+            raise RuntimeError("runner already started")
+        argv = self.argv()
+        log.info("starting %s runner for %s: %s", self.kind, self.spec.name, argv)
+        self.started_at_s = time.monotonic()
+        self._last_output_s = self.started_at_s
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,  # its own group: stop() signals every child too
+            )
+        except OSError as err:
+            await self.client.aclose()
+            raise RunnerError(
+                f"cannot start the {self.kind} runner for {self.spec.name!r} ({argv[0]}): {err}"
+            ) from None
+        self._pgid = self._proc.pid  # session leader: pgid == pid
+        self._reader = asyncio.create_task(self._read_output(), name=f"runner-out-{self.pid}")
+        self._waiter = asyncio.create_task(self._wait_exit(), name=f"runner-wait-{self.pid}")
+
+    async def wait_ready(self, stall_timeout_s: float, *, interval_s: float = 0.01) -> float:
+        """Returns once the health endpoint answers 200, in seconds since start().
+
+        Fails with RunnerError when the process exits, or when it shows no progress (no output, no
+        CPU time, no I/O) for `stall_timeout_s` — a slow but busy load is never cut short.
+        """
+        if self._proc is None:
+            raise RuntimeError("runner not started")
+        progress = self._progress_marker()
+        last_progress = time.monotonic()
+        while True:
+            if self.exited:
+                raise self.error(f"exited with {self._exit_text()} while loading")
+            try:
+                r = await self.client.get(self.health_path, timeout=max(interval_s * 50, 1.0))
+                if r.status_code == 200:
+                    self.ready_at_s = time.monotonic()
+                    return self.ready_at_s - self.started_at_s
+            except httpx.TransportError:
+                pass  # not listening yet
+            now = time.monotonic()
+            marker = self._progress_marker()
+            if marker != progress or self._last_output_s > last_progress:
+                progress, last_progress = marker, now
+            elif now - last_progress > stall_timeout_s:
+                raise self.error(
+                    f"made no progress for {stall_timeout_s:g} s while loading "
+                    f"(health {self.health_path} never answered)"
+                )
+            # Wake at once if the process dies meanwhile.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), interval_s)
+
+    async def ping(self, timeout_s: float = 10.0) -> bool:
+        """Whether the runner answers its health endpoint within `timeout_s`."""
+        if self.exited:
+            return False
+        try:
+            r = await self.client.get(self.health_path, timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    async def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM to the group, SIGKILL after `timeout_s`; idempotent. Returns the exit status."""
+        self._stopping = True
+        if self._proc is None:
+            await self.client.aclose()
+            return None
+        if not self.exited:
+            self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), timeout_s)
+        # The leader is gone (or ignored SIGTERM); children that outlive it would keep memory.
+        # Grandchildren cannot be awaited (they are not our children): poll the group briefly.
+        while self._group_alive() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        if self._group_alive():
+            log.warning("runner %s (pid %s) ignored SIGTERM: SIGKILL", self.spec.name, self.pid)
+            self._signal_group(signal.SIGKILL)
+        if not self.exited:
+            await self._exited.wait()
+        await self.client.aclose()
+        return self.returncode
+
+    async def wait_exit(self) -> int | None:
+        await self._exited.wait()
+        return self.returncode
+
+    # ---- what it said -------------------------------------------------------------------------
+    def output_tail(self) -> str:
+        """The last lines the runner printed (stdout and stderr together)."""
+        return "\n".join(self._tail)
+
+    def reported_bytes(self) -> int | None:
+        """The memory the runner reported allocating on its device (llama.cpp's buffer lines):
+        GPU buffers when it runs on a GPU, host buffers otherwise; None if it reported none."""
+        if not self._buffers:
+            return None
+        gpu = self.spec.on_gpu
+
+        def on_device(name: str) -> bool:
+            is_gpu = name.startswith(("CUDA", "ROCm", "Metal", "Vulkan", "SYCL")) and not (
+                name.endswith("_Host")
+            )
+            return is_gpu if gpu else not is_gpu
+
+        total = sum(b for name, b in self._buffers.items() if on_device(name.split("/")[0]))
+        return total or None
+
+    def error(self, what: str) -> RunnerError:
+        """A RunnerError naming this runner, with its last output lines."""
+        return RunnerError(
+            f"{self.kind} runner for {self.spec.name!r} (pid {self.pid}) {what}", self.output_tail()
+        )
+
+    def exit_description(self) -> str:
+        return self._exit_text()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _exit_text(self) -> str:
+        rc = self.returncode
+        if rc is None:
+            return "no exit code"
+        if rc < 0:
+            try:
+                return f"signal {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"signal {-rc}"
+        return f"exit code {rc}"
+
+    async def _read_output(self) -> None:
+        assert self._proc is not None
+        assert self._proc.stdout is not None
+        stream = self._proc.stdout
+        pending = b""
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            self._last_output_s = time.monotonic()
+            pending += chunk
+            *lines, pending = re.split(rb"\r?\n|\r", pending)
+            for raw in lines:
+                self._take_line(raw.decode("utf-8", "replace"))
+            if len(pending) > 65536:  # a line without end: keep its head
+                self._take_line(pending[:4096].decode("utf-8", "replace"))
+                pending = b""
+        if pending:
+            self._take_line(pending.decode("utf-8", "replace"))
+
+    def _take_line(self, line: str) -> None:
+        self._tail.append(line)
+        m = _BUFFER.search(line)
+        if m:
+            nbytes = int(float(m["size"]) * _UNITS[m["unit"]])
+            key = f"{m['dev']}/{m['what']}"
+            self._buffers[key] = self._buffers.get(key, 0) + nbytes
+
+    async def _wait_exit(self) -> None:
+        assert self._proc is not None
+        rc = await self._proc.wait()
+        # Collect its last words: the reader ends at EOF, unless a surviving child holds the pipe.
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 0.5)
+        if not self._stopping:
+            log.warning("%s runner for %s exited: %s", self.kind, self.spec.name, self._exit_text())
+            # A dead leader's children must not keep the memory.
+            self._signal_group(signal.SIGKILL)
+        else:
+            log.info("%s runner for %s stopped (rc %s)", self.kind, self.spec.name, rc)
+        self._exited.set()
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+        if self._on_exit is not None:
+            try:
+                self._on_exit(self)
+            except Exception:
+                log.exception("runner exit callback failed")
+
+    def _progress_marker(self) -> tuple[int, ...]:
+        """CPU ticks and I/O bytes of the leader: a busy load changes them."""
+        pid = self.pid
+        if pid is None:
+            return ()
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks = int(stat[11]) + int(stat[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            return ()
+        try:
+            io = Path(f"/proc/{pid}/io").read_text().split()
+            rchar = int(io[1])
+        except (OSError, IndexError, ValueError):
+            rchar = 0
+        return (ticks, rchar)
+
+    def _group_alive(self) -> bool:
+        if self._pgid is None:
+            return False
+        try:
+            os.killpg(self._pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # A group that holds only zombies (children not yet reaped by us) is dead for our purpose.
+        return not (self.exited and not _group_has_live_members(self._pgid))
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self._pgid is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._pgid, sig)
+
+
+def _group_has_live_members(pgid: int) -> bool:
+    """Whether any non-zombie process is in group `pgid` (scans /proc; used only while stopping)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if len(stat) > 2 and int(stat[2]) == pgid and stat[0] != "Z":
+            return True
+    return False
