@@ -154,7 +154,9 @@ class Settings(BaseSettings):
     memory_limit: int | None = Field(default=None, gt=0)
     models: list[ModelConfig] = Field(default_factory=list)
     #: Every *.gguf in this directory becomes a model named after its file.
-    models_dir: Path | None = Field(default=None, validation_alias=_alias("models_dir", "models"))
+    models_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RESIDENCY_MODELS_DIR", "models_dir")
+    )
     preload: list[str] = Field(default_factory=list)
     default_ctx: int = Field(default=4096, gt=0)
     #: The llama.cpp `llama-server` binary; None = look it up on PATH.

@@ -186,6 +186,7 @@ class Scheduler:
         self._device_index: dict[str, int] = {}
         self._instances: dict[str, _Instance] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stoppers: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # replaced on every notify: a broadcast to waiters
         self._wake_timer = asyncio.Event()
@@ -218,6 +219,7 @@ class Scheduler:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*list(self._stoppers), return_exceptions=True)
         instances = list(self._instances.values())
         for inst in instances:
             inst.closing = True
@@ -233,6 +235,7 @@ class Scheduler:
                 self._forget(inst, force=True)
         self._instances.clear()
         if self._watcher is not None:
+            self._watcher.close_loop(asyncio.get_running_loop())  # its eventfd reader
             self._watcher.stop()
         self._notify()
 
@@ -403,7 +406,6 @@ class Scheduler:
                 raise
         if not ok and not inst.dead:
             self._runner_died(inst, "stopped answering its health check")
-            self._spawn(inst.runner.stop(self.settings.stop_timeout_s), "stop-unhealthy")
         return ok
 
     async def _admit(
@@ -427,7 +429,9 @@ class Scheduler:
                 r = core.reservation(key)
                 if r is not None and r.refcount == 0 and inst.ready.is_set():
                     core.begin_unload(key)
-                    self._spawn(self._stop_instance(inst, "options changed"), f"reload-{key}")
+                    self._spawn(
+                        self._stop_instance(inst, "options changed"), f"reload-{key}", stopper=True
+                    )
                 await changed.wait()
                 continue
             if inst is not None:  # being stopped: wait until it is gone
@@ -527,7 +531,9 @@ class Scheduler:
                 r = core.reservation(inst.key)
                 if r is not None and r.refcount == 0:
                     core.begin_unload(inst.key)
-                    self._spawn(self._stop_instance(inst, "unloaded on request"), "unload")
+                    self._spawn(
+                        self._stop_instance(inst, "unloaded on request"), "unload", stopper=True
+                    )
         except BaseException as err:
             failure = (
                 err
@@ -579,12 +585,15 @@ class Scheduler:
 
     def _runner_died(self, inst: _Instance, what: str) -> None:
         """A ready runner exited or hung: fail it, free its reservation, keep serving."""
-        assert inst.runner is not None
-        inst.failure = inst.runner.error(what)
+        runner = inst.runner
+        assert runner is not None
+        inst.failure = runner.error(what)
         inst.closing = True
         self._forget(inst, force=True)
         inst.dead = True
         self._notify()
+        # Kills what is left of its group and closes its client.
+        self._spawn(runner.stop(self.settings.stop_timeout_s), f"reap-{inst.key}", stopper=True)
 
     def _on_runner_exit(self, runner: Runner) -> None:
         inst = self._instances.get(runner.spec.name)
@@ -762,7 +771,9 @@ class Scheduler:
                     core.begin_unload(key)
                 except (ModelBusyError, InvalidStateError):
                     continue
-                self._spawn(self._stop_instance(inst, "keep-alive expired"), f"expire-{key}")
+                self._spawn(
+                    self._stop_instance(inst, "keep-alive expired"), f"expire-{key}", stopper=True
+                )
             deadline = core.next_expiry()
             if deadline is None:
                 await self._wake_timer.wait()
@@ -790,14 +801,19 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._wake_timer.set()
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    def _spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str, *, stopper: bool = False
+    ) -> asyncio.Task[Any]:
+        """A task the scheduler keeps a reference to. Stoppers (runner stops) are awaited at
+        shutdown, never cancelled: a half-stopped runner would outlive the scheduler."""
         task = asyncio.create_task(coro, name=f"residency-{name}")
-        self._tasks.add(task)
+        (self._stoppers if stopper else self._tasks).add(task)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
+        self._stoppers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("task %s failed", task.get_name(), exc_info=task.exception())
 

@@ -220,21 +220,26 @@ class Runner(ABC):
         if self._proc is None:
             await self.client.aclose()
             return None
-        if not self.exited:
-            self._signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._exited.wait(), timeout_s)
-        # The leader is gone (or ignored SIGTERM); children that outlive it would keep memory.
-        # Grandchildren cannot be awaited (they are not our children): poll the group briefly.
-        while self._group_alive() and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        if self._group_alive():
-            log.warning("runner %s (pid %s) ignored SIGTERM: SIGKILL", self.spec.name, self.pid)
-            self._signal_group(signal.SIGKILL)
-        if not self.exited:
-            await self._exited.wait()
-        await self.client.aclose()
+        try:
+            if not self.exited:
+                self._signal_group(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), timeout_s)
+            # The leader is gone (or ignored SIGTERM); children that outlive it keep memory.
+            # Grandchildren cannot be awaited (they are not our children): poll the group.
+            while self._group_alive() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            if self._group_alive():
+                log.warning("runner %s (pid %s) ignored SIGTERM: SIGKILL", self.spec.name, self.pid)
+                self._signal_group(signal.SIGKILL)
+            if not self.exited:
+                await self._exited.wait()
+        except asyncio.CancelledError:
+            self._signal_group(signal.SIGKILL)  # cancelled mid-stop: leave nothing running
+            raise
+        finally:
+            await asyncio.shield(self.client.aclose())
         return self.returncode
 
     async def wait_exit(self) -> int | None:
