@@ -26,6 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from residency import server
+
+    parser = sub.add_parser(
+        "serve",
+        help="serve the Ollama and OpenAI APIs (default 127.0.0.1:11434)",
+        description="Serve the Ollama API (/api/*) and the OpenAI API (/v1/*) over the scheduler.",
+    )
+    server.add_arguments(parser)
+    parser.set_defaults(handler=server.run)
+
+
+_COMMANDS.append(_add_serve)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

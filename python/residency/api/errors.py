@@ -1,0 +1,157 @@
+"""Errors as each API shapes them, and the one mapping from exceptions to HTTP statuses.
+
+Ollama answers ``{"error": "…"}``; OpenAI ``{"error": {"message", "type", "param", "code"}}``.
+Which shape a request gets depends only on its path (``/v1/…`` is OpenAI), so one exception handler
+serves both routers and no handler formats errors by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic_core import to_json
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from residency.errors import (
+    InvalidArgumentError,
+    ModelNotFoundError,
+    ModelTooLargeError,
+    ResidencyError,
+    RunnerError,
+    ServerBusyError,
+    UnknownModelError,
+)
+
+__all__ = [
+    "ApiError",
+    "ClientDisconnected",
+    "api_error",
+    "error_body",
+    "error_response",
+    "install_exception_handlers",
+    "is_openai_path",
+]
+
+log = logging.getLogger("residency.api")
+
+OPENAI_PREFIX = "/v1/"
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before the answer was complete."""
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, ready to render in either API's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.headers = dict(headers or {})
+
+    @property
+    def openai_type(self) -> str:
+        if self.status == 404:
+            return "not_found_error"
+        if self.status < 500:
+            return "invalid_request_error"
+        return "server_error"
+
+
+def describe_validation(errors: list[Any]) -> str:
+    """One line naming every bad field: ``messages.0.role: Field required; stream: …``."""
+    parts = []
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            detail = (e.get("ctx") or {}).get("error") or e.get("msg", "")
+            return f"invalid JSON in request body: {detail}"
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "request body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request body"
+
+
+def api_error(exc: BaseException) -> ApiError:
+    """The status and message for any exception a request can raise."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, pydantic.ValidationError):
+        return ApiError(400, describe_validation(exc.errors(include_url=False)))
+    if isinstance(exc, RequestValidationError):
+        return ApiError(400, describe_validation(list(exc.errors())))
+    if isinstance(exc, ModelNotFoundError | UnknownModelError):
+        return ApiError(404, str(exc), code="model_not_found")
+    if isinstance(exc, ServerBusyError):
+        retry = max(1, math.ceil(exc.retry_after_s))
+        return ApiError(503, str(exc), code="server_busy", headers={"Retry-After": str(retry)})
+    if isinstance(exc, InvalidArgumentError):
+        return ApiError(400, str(exc), code="invalid_argument")
+    if isinstance(exc, RunnerError):
+        return ApiError(502, str(exc), code="runner_error")
+    if isinstance(exc, ModelTooLargeError):
+        return ApiError(500, str(exc), code="model_too_large")
+    if isinstance(exc, ResidencyError):
+        return ApiError(500, str(exc), code=type(exc).__name__)
+    if isinstance(exc, StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail), headers=exc.headers)
+    log.error("unexpected error serving a request", exc_info=exc)
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIX)
+
+
+def error_body(err: ApiError, *, openai: bool) -> dict[str, Any]:
+    if openai:
+        return {
+            "error": {
+                "message": err.message,
+                "type": err.openai_type,
+                "param": None,
+                "code": err.code,
+            }
+        }
+    return {"error": err.message}
+
+
+def error_response(err: ApiError, *, openai: bool) -> Response:
+    return Response(
+        to_json(error_body(err, openai=openai)),
+        status_code=err.status,
+        headers=err.headers,
+        media_type="application/json",
+    )
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    return error_response(api_error(exc), openai=is_openai_path(request.url.path))
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """Every error, whatever raised it, leaves in the shape of the API that was called."""
+    for exc_type in (
+        ApiError,
+        ResidencyError,
+        pydantic.ValidationError,
+        RequestValidationError,
+        StarletteHTTPException,
+        Exception,
+    ):
+        app.add_exception_handler(exc_type, _handle)

@@ -1,0 +1,496 @@
+"""Ollama's API (``/api/*``) over the scheduler, translated to the runner's OpenAI API.
+
+Shapes follow Ollama's docs/api.md: NDJSON streams by default, ``"stream": false`` for one body,
+an empty prompt or message list loads the model (``done_reason: "load"``) and with ``keep_alive: 0``
+unloads it (``"unload"``), every duration in nanoseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic_core import from_json, to_json
+from starlette.responses import PlainTextResponse, Response
+
+from residency import __version__
+from residency.api._types import EntryLike, LeaseLike, ResidentLike
+from residency.api.errors import ApiError, api_error
+from residency.api.gguf_header import read_header
+from residency.api.metrics import RequestRecord
+from residency.api.proxy import (
+    LeasedStream,
+    json_response,
+    now_ns,
+    open_stream,
+    post_json,
+    read_body,
+    sse_events,
+    until_disconnected,
+)
+from residency.api.schemas import (
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    ShowRequest,
+)
+from residency.api.state import ApiState, State, body_schema, check_keep_alive
+from residency.api.translate import (
+    Generation,
+    chat_body,
+    generate_body,
+    rfc3339_now,
+    split_options,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["ollama"])
+
+NDJSON = "application/x-ndjson"
+_NL = b"\n"
+# Go's time.Now().Add(math.MaxInt64): what Ollama reports for a model kept forever.
+_FOREVER_NS = 2**63 - 1
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+@router.post("/api/generate", openapi_extra=body_schema(GenerateRequest))
+async def generate(request: Request, state: State) -> Response:
+    """Completes a prompt (templated as a chat turn unless ``raw``)."""
+    rec = state.record("ollama", "/api/generate")
+    try:
+        req = GenerateRequest.model_validate_json(await read_body(request))
+        if not req.prompt and not req.images and not req.suffix:
+            return await _load_or_unload(request, state, rec, req, chat=False)
+        path, body = generate_body(req, req.model)
+        return await _generation(request, state, rec, req, path=path, body=body, chat=False)
+    except BaseException as err:
+        rec.fail(err)
+        raise
+
+
+@router.post("/api/chat", openapi_extra=body_schema(ChatRequest))
+async def chat(request: Request, state: State) -> Response:
+    """The next assistant message of a conversation."""
+    rec = state.record("ollama", "/api/chat")
+    try:
+        req = ChatRequest.model_validate_json(await read_body(request))
+        if not req.messages:
+            return await _load_or_unload(request, state, rec, req, chat=True)
+        body = chat_body(req, req.model)
+        return await _generation(
+            request, state, rec, req, path="/v1/chat/completions", body=body, chat=True
+        )
+    except BaseException as err:
+        rec.fail(err)
+        raise
+
+
+async def _load_or_unload(
+    request: Request,
+    state: ApiState,
+    rec: RequestRecord,
+    req: GenerateRequest | ChatRequest,
+    *,
+    chat: bool,
+) -> Response:
+    rec.model = req.model
+    keep_alive_ns = check_keep_alive(req.keep_alive)
+    sched = state.scheduler
+    if keep_alive_ns == 0:
+        await sched.unload(sched.resolve(req.model).name)
+        reason = "unload"
+    else:
+        _, load_options = split_options(req.options)
+
+        async def load() -> None:
+            async with sched.session(
+                req.model, keep_alive=req.keep_alive, options=load_options
+            ) as lease:
+                rec.took(lease)
+
+        await until_disconnected(request, load())
+        reason = "load"
+    out: dict[str, Any] = {"model": req.model, "created_at": rfc3339_now()}
+    if chat:
+        out["message"] = {"role": "assistant", "content": ""}
+    else:
+        out["response"] = ""
+    out["done"] = True
+    out["done_reason"] = reason
+    rec.finish(200)
+    return json_response(out)
+
+
+async def _generation(
+    request: Request,
+    state: ApiState,
+    rec: RequestRecord,
+    req: GenerateRequest | ChatRequest,
+    *,
+    path: str,
+    body: dict[str, Any],
+    chat: bool,
+) -> Response:
+    rec.model = req.model
+    check_keep_alive(req.keep_alive)
+    _, load_options = split_options(req.options)
+    stream = req.stream is not False
+    rec.stream = stream
+    sched = state.scheduler
+    asked = req.model
+
+    async def open_upstream() -> tuple[AsyncExitStack, LeaseLike, httpx.Response, int]:
+        stack = AsyncExitStack()
+        try:
+            lease = await stack.enter_async_context(
+                sched.session(asked, keep_alive=req.keep_alive, options=load_options)
+            )
+            rec.took(lease)
+            body["model"] = lease.entry.name
+            t_sent = now_ns()
+            upstream = await open_stream(lease, path, body)
+            stack.push_async_callback(upstream.aclose)
+            return stack, lease, upstream, t_sent
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    if not stream:
+
+        async def whole() -> dict[str, Any]:
+            stack, lease, upstream, t_sent = await open_upstream()
+            async with stack:
+                gen = Generation(t_sent)
+                async for event in sse_events(lease, upstream):
+                    gen.feed(event)
+            return _final(asked, gen, rec, lease, chat=chat, whole=True)
+
+        out = await until_disconnected(request, whole())
+        rec.finish(200)
+        return json_response(out)
+
+    stack, lease, upstream, t_sent = await until_disconnected(request, open_upstream())
+
+    async def lines() -> AsyncIterator[bytes]:
+        gen = Generation(t_sent)
+        try:
+            async for event in sse_events(lease, upstream):
+                text, think = gen.feed(event)
+                if not (text or think):
+                    continue
+                piece: dict[str, Any] = {"model": asked, "created_at": rfc3339_now()}
+                if chat:
+                    msg: dict[str, Any] = {"role": "assistant", "content": text}
+                    if think:
+                        msg["thinking"] = think
+                    piece["message"] = msg
+                else:
+                    piece["response"] = text
+                    if think:
+                        piece["thinking"] = think
+                piece["done"] = False
+                yield to_json(piece) + _NL
+            if chat and gen.tool_calls():
+                calls = {
+                    "model": asked,
+                    "created_at": rfc3339_now(),
+                    "message": {"role": "assistant", "content": "", "tool_calls": gen.tool_calls()},
+                    "done": False,
+                }
+                yield to_json(calls) + _NL
+            yield to_json(_final(asked, gen, rec, lease, chat=chat, whole=False)) + _NL
+        except Exception as err:
+            # Headers are gone: the error becomes the stream's last line, as Ollama does it.
+            e = api_error(err)
+            rec.error = e.message
+            yield to_json({"error": e.message}) + _NL
+
+    async def cleanup(error: BaseException | None) -> None:
+        try:
+            await stack.aclose()
+        finally:
+            rec.end_stream(error)
+
+    return LeasedStream(lines(), cleanup=cleanup, media_type=NDJSON)
+
+
+def _final(
+    asked: str,
+    gen: Generation,
+    rec: RequestRecord,
+    lease: LeaseLike,
+    *,
+    chat: bool,
+    whole: bool,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": asked, "created_at": rfc3339_now()}
+    text = "".join(gen.parts) if whole else ""
+    if chat:
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if whole and gen.thinking:
+            msg["thinking"] = "".join(gen.thinking)
+        if whole and gen.tool_calls():
+            msg["tool_calls"] = gen.tool_calls()
+        out["message"] = msg
+    else:
+        out["response"] = text
+        if whole and gen.thinking:
+            out["thinking"] = "".join(gen.thinking)
+    out["done"] = True
+    out["done_reason"] = gen.done_reason
+    out.update(gen.stats(t_start=rec.t_start, load_duration_ns=lease.load_duration_ns))
+    return out
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+
+
+@router.post("/api/embed", openapi_extra=body_schema(EmbedRequest))
+async def embed(request: Request, state: State) -> Response:
+    """Embeddings for one text or many, L2-normalised as Ollama returns them."""
+    rec = state.record("ollama", "/api/embed")
+    try:
+        req = EmbedRequest.model_validate_json(await read_body(request))
+        rec.model = req.model
+        check_keep_alive(req.keep_alive)
+        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+        inputs = [text for text in inputs if text]
+        vectors, prompt_tokens, lease_load = await until_disconnected(
+            request,
+            _embeddings(
+                state,
+                rec,
+                model=req.model,
+                keep_alive=req.keep_alive,
+                options=req.options,
+                inputs=inputs,
+            ),
+        )
+        if vectors:
+            matrix = np.asarray(vectors, dtype=np.float64)
+            if req.dimensions:
+                matrix = matrix[:, : req.dimensions]
+            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix = matrix / np.where(norms == 0, 1.0, norms)
+            vectors = matrix.tolist()
+        out: dict[str, Any] = {"model": req.model, "embeddings": vectors}
+        out["total_duration"] = now_ns() - rec.t_start
+        out["load_duration"] = lease_load
+        if prompt_tokens is not None:
+            out["prompt_eval_count"] = prompt_tokens
+        rec.finish(200)
+        return json_response(out)
+    except BaseException as err:
+        rec.fail(err)
+        raise
+
+
+@router.post("/api/embeddings", openapi_extra=body_schema(EmbeddingsRequest))
+async def embeddings(request: Request, state: State) -> Response:
+    """The legacy single-text endpoint: ``{"embedding": [...]}``, not normalised."""
+    rec = state.record("ollama", "/api/embeddings")
+    try:
+        req = EmbeddingsRequest.model_validate_json(await read_body(request))
+        rec.model = req.model
+        check_keep_alive(req.keep_alive)
+        inputs = [req.prompt] if req.prompt else []
+        vectors, _, _ = await until_disconnected(
+            request,
+            _embeddings(
+                state,
+                rec,
+                model=req.model,
+                keep_alive=req.keep_alive,
+                options=req.options,
+                inputs=inputs,
+            ),
+        )
+        rec.finish(200)
+        return json_response({"embedding": vectors[0] if vectors else []})
+    except BaseException as err:
+        rec.fail(err)
+        raise
+
+
+async def _embeddings(
+    state: ApiState,
+    rec: RequestRecord,
+    *,
+    model: str,
+    keep_alive: str | float | None,
+    options: Mapping[str, Any] | None,
+    inputs: list[str],
+) -> tuple[list[list[float]], int | None, int]:
+    """(vectors in input order, prompt tokens, load_duration); no inputs = just load the model."""
+    _, load_options = split_options(options)
+    async with state.scheduler.session(model, keep_alive=keep_alive, options=load_options) as lease:
+        rec.took(lease)
+        if not inputs:
+            return [], None, lease.load_duration_ns
+        content = await post_json(
+            lease, "/v1/embeddings", {"model": lease.entry.name, "input": inputs}
+        )
+    data = from_json(content)
+    rows = sorted(data.get("data") or (), key=lambda d: d.get("index", 0))
+    vectors = [row["embedding"] for row in rows]
+    usage = data.get("usage") or {}
+    prompt_tokens = usage.get("prompt_tokens")
+    return (
+        vectors,
+        (int(prompt_tokens) if prompt_tokens is not None else None),
+        (lease.load_duration_ns),
+    )
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+def ollama_details(entry: EntryLike) -> dict[str, Any]:
+    """Ollama's ``details`` object (only its keys: clients validate it)."""
+    d = entry.details
+    family = d.get("family", "")
+    return {
+        "parent_model": "",
+        "format": d.get("format", "gguf"),
+        "family": family,
+        "families": d.get("families") or ([family] if family else None),
+        "parameter_size": d.get("parameter_size", ""),
+        "quantization_level": d.get("quantization_level", ""),
+    }
+
+
+def _expires_at(r: ResidentLike) -> str:
+    if r.expires_at is not None:
+        return r.expires_at.isoformat().replace("+00:00", "Z")
+    # Kept forever (or pinned): Ollama shows time.Now() + MaxInt64, about 292 years ahead.
+    from datetime import datetime, timedelta, timezone
+
+    far = datetime.now(timezone.utc) + timedelta(microseconds=_FOREVER_NS // 1000)
+    return far.isoformat().replace("+00:00", "Z")
+
+
+@router.get("/api/ps")
+async def ps(state: State) -> Response:
+    """Resident models, with residency's own accounting beside Ollama's fields."""
+    models = []
+    for r in state.scheduler.resident():
+        models.append(
+            {
+                "name": r.name,
+                "model": r.name,
+                "size": r.bytes,
+                "digest": r.entry.digest,
+                "details": ollama_details(r.entry),
+                "expires_at": _expires_at(r),
+                "size_vram": r.size_vram,
+                "context_length": r.context_length,
+                # residency's additions: where it lives, what was promised, what was measured.
+                "device": r.device,
+                "state": r.state,
+                "reserved_bytes": r.bytes,
+                "estimated_bytes": r.estimated_bytes,
+                "measured_bytes": r.measured_bytes,
+                "refcount": r.refcount,
+            }
+        )
+    return json_response({"models": models})
+
+
+@router.get("/api/tags")
+async def tags(state: State) -> Response:
+    """Every model clients may ask for."""
+    return json_response(
+        {
+            "models": [
+                {
+                    "name": e.name,
+                    "model": e.name,
+                    "modified_at": e.modified_at.isoformat().replace("+00:00", "Z"),
+                    "size": e.size_bytes,
+                    "digest": e.digest,
+                    "details": ollama_details(e),
+                }
+                for e in state.scheduler.models()
+            ]
+        }
+    )
+
+
+@router.post("/api/show", openapi_extra=body_schema(ShowRequest))
+async def show(request: Request, state: State) -> Response:
+    """A model's details, GGUF metadata (``model_info``), template and parameters."""
+    req = ShowRequest.model_validate_json(await read_body(request))
+    entry = state.scheduler.resolve(req.model_name)
+    info: dict[str, Any] = {}
+    template = ""
+    if entry.details.get("format") == "gguf":
+        try:
+            st = entry.path.stat()
+            info, template = await asyncio.to_thread(
+                _gguf_info, str(entry.path), st.st_mtime_ns, req.verbose
+            )
+        except (OSError, ValueError) as err:  # the file changed or broke since start-up
+            raise ApiError(500, f"cannot read {entry.path}: {err}") from err
+    options = dict(entry.options)
+    params = []
+    for key, name in (("ctx", "num_ctx"), ("gpu_layers", "num_gpu"), ("parallel", "num_parallel")):
+        value = options.get(key)
+        if value is not None and value != "auto":
+            params.append(f"{name:<30} {value}")
+    modelfile = f'# Modelfile generated by "residency"\nFROM {entry.path}\n'
+    if template:
+        modelfile += f'TEMPLATE """{template}"""\n'
+    modelfile += "".join(f"PARAMETER {p.split()[0]} {p.split()[1]}\n" for p in params)
+    capabilities = ["completion"]
+    if "tools" in template:
+        capabilities.append("tools")
+    return json_response(
+        {
+            "modelfile": modelfile,
+            "parameters": "\n".join(params),
+            "template": template,
+            "details": ollama_details(entry),
+            "model_info": info,
+            "capabilities": capabilities,
+            "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
+        }
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_info(path: str, mtime_ns: int, verbose: bool) -> tuple[dict[str, Any], str]:
+    """(model_info, chat template) from the GGUF header; arrays only when verbose, as Ollama.
+
+    Cached per file version (`mtime_ns` is part of the key).
+    """
+    header = read_header(path, arrays=verbose)
+    info = dict(header.metadata)
+    template = info.pop("tokenizer.chat_template", "") or ""
+    info.setdefault("general.parameter_count", header.parameter_count)
+    return info, str(template)
+
+
+@router.get("/api/version")
+async def version() -> Response:
+    return json_response({"version": __version__})
+
+
+@router.get("/", response_class=PlainTextResponse)
+async def root() -> Response:
+    # Clients probe this text to find a server; residency answers as Ollama does.
+    return PlainTextResponse("Ollama is running")
+
+
+@router.head("/", include_in_schema=False)
+async def root_head() -> Response:
+    return Response(media_type="text/plain")

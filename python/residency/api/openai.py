@@ -1,0 +1,215 @@
+"""OpenAI's API (``/v1/*``): the runner already speaks it, so requests pass through.
+
+The facade's work here is scheduling (the lease), the model name (responses carry the name the
+client asked for), residency's two extensions (``keep_alive`` and ``num_ctx`` body fields, which
+OpenAI lacks), ``encoding_format: "base64"`` for embeddings, and errors in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic_core import from_json, to_json
+from starlette.responses import Response
+
+from residency.api._types import LeaseLike
+from residency.api.errors import api_error, error_body
+from residency.api.metrics import RequestRecord
+from residency.api.proxy import (
+    LeasedStream,
+    json_response,
+    open_stream,
+    post_json,
+    read_body,
+    sse_events,
+    until_disconnected,
+)
+from residency.api.schemas import (
+    OpenAIChatRequest,
+    OpenAICompletionRequest,
+    OpenAIEmbeddingRequest,
+    _OpenAIBase,
+)
+from residency.api.state import ApiState, State, body_schema, check_keep_alive
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+SSE = "text/event-stream"
+_EXTENSIONS = {"keep_alive", "num_ctx"}
+_EXTENSIONS_B64 = {*_EXTENSIONS, "encoding_format"}
+_DONE = b"data: [DONE]\n\n"
+
+
+@router.post("/chat/completions", openapi_extra=body_schema(OpenAIChatRequest))
+async def chat_completions(request: Request, state: State) -> Response:
+    rec = state.record("openai", "/v1/chat/completions")
+    try:
+        req = OpenAIChatRequest.model_validate_json(await read_body(request))
+        body = req.model_dump(exclude_unset=True, exclude=_EXTENSIONS)
+        return await _forward(
+            request, state, rec, req, path="/v1/chat/completions", body=body, stream=req.stream
+        )
+    except BaseException as err:
+        rec.fail(err)
+        raise
+
+
+@router.post("/completions", openapi_extra=body_schema(OpenAICompletionRequest))
+async def completions(request: Request, state: State) -> Response:
+    rec = state.record("openai", "/v1/completions")
+    try:
+        req = OpenAICompletionRequest.model_validate_json(await read_body(request))
+        body = req.model_dump(exclude_unset=True, exclude=_EXTENSIONS)
+        return await _forward(
+            request, state, rec, req, path="/v1/completions", body=body, stream=req.stream
+        )
+    except BaseException as err:
+        rec.fail(err)
+        raise
+
+
+@router.post("/embeddings", openapi_extra=body_schema(OpenAIEmbeddingRequest))
+async def embeddings(request: Request, state: State) -> Response:
+    rec = state.record("openai", "/v1/embeddings")
+    try:
+        req = OpenAIEmbeddingRequest.model_validate_json(await read_body(request))
+        # The runner returns floats; base64 is encoded here (little-endian float32, as OpenAI).
+        body = req.model_dump(exclude_unset=True, exclude=_EXTENSIONS_B64)
+        content = await until_disconnected(request, _whole(state, rec, req, "/v1/embeddings", body))
+        data = from_json(content)
+        data["model"] = req.model
+        dims = req.dimensions
+        for item in data.get("data") or ():
+            vector = item.get("embedding")
+            if not isinstance(vector, list):
+                continue
+            if dims and len(vector) > dims:
+                v = np.asarray(vector[:dims], dtype=np.float64)
+                norm = float(np.linalg.norm(v))
+                vector = (v / norm if norm else v).tolist()
+                item["embedding"] = vector
+            if req.encoding_format == "base64":
+                raw = np.asarray(vector, dtype="<f4").tobytes()
+                item["embedding"] = base64.b64encode(raw).decode("ascii")
+        rec.finish(200)
+        return json_response(data)
+    except BaseException as err:
+        rec.fail(err)
+        raise
+
+
+@router.get("/models")
+async def list_models(state: State) -> Response:
+    return json_response(
+        {"object": "list", "data": [_model_card(e) for e in state.scheduler.models()]}
+    )
+
+
+@router.get("/models/{model:path}")
+async def get_model(model: str, state: State) -> Response:
+    return json_response(_model_card(state.scheduler.resolve(model), model))
+
+
+def _model_card(entry: Any, name: str | None = None) -> dict[str, Any]:
+    return {
+        "id": name or entry.name,
+        "object": "model",
+        "created": int(entry.modified_at.timestamp()),
+        "owned_by": "residency",
+    }
+
+
+async def _whole(
+    state: ApiState, rec: RequestRecord, req: _OpenAIBase, path: str, body: dict[str, Any]
+) -> bytes:
+    """One non-streamed runner call inside a lease."""
+    async with state.scheduler.session(
+        req.model, keep_alive=req.keep_alive, options=_load_options(req)
+    ) as lease:
+        rec.took(lease)
+        body["model"] = lease.entry.name
+        return await post_json(lease, path, body)
+
+
+def _load_options(req: _OpenAIBase) -> dict[str, Any] | None:
+    return {"num_ctx": req.num_ctx} if req.num_ctx else None
+
+
+def _rename(content: bytes, asked: str) -> bytes:
+    """The runner's answer with the model name the client asked for."""
+    data = from_json(content)
+    if isinstance(data, dict) and data.get("model") != asked:
+        data["model"] = asked
+        return to_json(data)
+    return content
+
+
+async def _forward(
+    request: Request,
+    state: ApiState,
+    rec: RequestRecord,
+    req: _OpenAIBase,
+    *,
+    path: str,
+    body: dict[str, Any],
+    stream: bool,
+) -> Response:
+    rec.model = req.model
+    rec.stream = stream
+    check_keep_alive(req.keep_alive)
+    asked = req.model
+    if not stream:
+        content = await until_disconnected(request, _whole(state, rec, req, path, body))
+        out = _rename(content, asked)
+        rec.finish(200)
+        return Response(out, media_type="application/json")
+
+    async def open_upstream() -> tuple[AsyncExitStack, LeaseLike, httpx.Response]:
+        stack = AsyncExitStack()
+        try:
+            lease = await stack.enter_async_context(
+                state.scheduler.session(
+                    asked, keep_alive=req.keep_alive, options=_load_options(req)
+                )
+            )
+            rec.took(lease)
+            body["model"] = lease.entry.name
+            upstream = await open_stream(lease, path, body)
+            stack.push_async_callback(upstream.aclose)
+            return stack, lease, upstream
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    stack, lease, upstream = await until_disconnected(request, open_upstream())
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for event in sse_events(lease, upstream):
+                if event.get("model") != asked:
+                    event["model"] = asked
+                yield b"data: " + to_json(event) + b"\n\n"
+            yield _DONE
+        except Exception as err:
+            # OpenAI's clients raise on a data event that carries "error".
+            e = api_error(err)
+            rec.error = e.message
+            yield b"data: " + to_json(error_body(e, openai=True)) + b"\n\n"
+
+    async def cleanup(error: BaseException | None) -> None:
+        try:
+            await stack.aclose()
+        finally:
+            rec.end_stream(error)
+
+    return LeasedStream(
+        events(), cleanup=cleanup, media_type=SSE, headers={"Cache-Control": "no-cache"}
+    )

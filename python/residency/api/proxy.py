@@ -1,0 +1,264 @@
+"""Talking to a runner through its lease, and handing streams back to the client.
+
+Every request holds its lease for exactly as long as it uses the runner: a plain request inside
+``async with``; a stream from the moment its first byte is ready until the last byte is sent, the
+client goes away, or the server stops — whichever comes first (``LeasedStream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import httpx
+from pydantic_core import from_json, to_json
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from residency.api._types import LeaseLike
+from residency.api.errors import ApiError, ClientDisconnected
+from residency.errors import RunnerError
+
+__all__ = [
+    "ClientDisconnected",
+    "LeasedStream",
+    "json_response",
+    "open_stream",
+    "post_json",
+    "read_body",
+    "runner_failure",
+    "sse_events",
+    "until_disconnected",
+]
+
+T = TypeVar("T")
+
+_JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+_SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
+# Generation has no upper bound; a runner that hangs is the scheduler's to notice (health, exit).
+_RUNNER_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=60.0, pool=None)
+
+
+def json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    # pydantic-core's serializer: one Rust call, no jsonable_encoder pass.
+    return Response(
+        to_json(data), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+async def read_body(request: Request) -> bytes:
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "missing request body")
+    return body
+
+
+def runner_failure(lease: LeaseLike, err: BaseException) -> RunnerError:
+    """A transport failure talking to the runner: it crashed, was stopped, or stopped answering."""
+    what = type(err).__name__
+    detail = str(err) or what
+    return RunnerError(
+        f"runner for model {lease.entry.name!r} failed during the request ({detail})",
+        lease.output_tail(),
+    )
+
+
+def _runner_message(status: int, content: bytes) -> str:
+    """The runner's own error message from whichever shape it used."""
+    try:
+        data = from_json(content)
+    except ValueError:
+        return content.decode(errors="replace").strip()[:2000] or f"HTTP {status}"
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        detail = data.get("detail")
+        if isinstance(detail, list):  # FastAPI validation errors (llama-cpp-python)
+            return "; ".join(
+                f"{'.'.join(str(x) for x in d.get('loc', ()) if x != 'body')}: {d.get('msg')}"
+                for d in detail
+                if isinstance(d, dict)
+            )
+        if detail:
+            return str(detail)
+    return content.decode(errors="replace").strip()[:2000]
+
+
+def _runner_error(lease: LeaseLike, status: int, content: bytes) -> Exception:
+    message = _runner_message(status, content)
+    if status < 500:
+        # The runner found the request itself wrong (context exceeded, bad field): a client error.
+        return ApiError(400, message, code="invalid_request")
+    return RunnerError(
+        f"runner for model {lease.entry.name!r} failed (HTTP {status}): {message}",
+        lease.output_tail(),
+    )
+
+
+async def post_json(lease: LeaseLike, path: str, body: Mapping[str, Any]) -> bytes:
+    """POSTs `body` to the runner; returns its JSON answer's bytes or raises in our shape."""
+    try:
+        resp = await lease.client.post(
+            path, content=to_json(body), headers=_JSON_HEADERS, timeout=_RUNNER_TIMEOUT
+        )
+    except httpx.TransportError as err:
+        raise runner_failure(lease, err) from err
+    if resp.status_code >= 400:
+        raise _runner_error(lease, resp.status_code, resp.content)
+    return resp.content
+
+
+async def open_stream(lease: LeaseLike, path: str, body: Mapping[str, Any]) -> httpx.Response:
+    """Starts a streamed request; returns once the runner answered with a success status.
+
+    The caller owns the response and must ``aclose()`` it (closing it mid-stream tells the runner
+    to stop generating).
+    """
+    client = lease.client
+    req = client.build_request(
+        "POST", path, content=to_json(body), headers=_SSE_HEADERS, timeout=_RUNNER_TIMEOUT
+    )
+    try:
+        resp = await client.send(req, stream=True)
+    except httpx.TransportError as err:
+        raise runner_failure(lease, err) from err
+    if resp.status_code >= 400:
+        try:
+            content = await resp.aread()
+        except httpx.HTTPError:
+            content = b""
+        finally:
+            await resp.aclose()
+        raise _runner_error(lease, resp.status_code, content)
+    return resp
+
+
+class _Done:
+    """The stream's explicit end (``data: [DONE]``)."""
+
+
+DONE = _Done()
+
+
+async def sse_events(lease: LeaseLike, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of a runner's server-sent events, until ``[DONE]`` or the end."""
+    try:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, comments (": ping"), event:/id: fields
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                return
+            if not payload:
+                continue
+            try:
+                event = from_json(payload)
+            except ValueError as err:
+                raise RunnerError(
+                    f"runner for model {lease.entry.name!r} sent an event that is not JSON: "
+                    f"{payload[:200]!r}"
+                ) from err
+            if isinstance(event, dict):
+                if "error" in event and "choices" not in event:
+                    raise _runner_error(lease, 500, payload.encode())
+                yield event
+    except httpx.TransportError as err:
+        raise runner_failure(lease, err) from err
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it if the client disconnects first (then raises ClientDisconnected).
+
+    Cancelling the work exits its ``scheduler.session`` and so releases the lease or the queue slot.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+Cleanup = Callable[[BaseException | None], Awaitable[None]]
+
+
+class LeasedStream(StreamingResponse):
+    """A streaming response that owns the lease behind it.
+
+    It sends `content` while watching for the client to go away, and runs `cleanup` exactly once
+    whatever happens — the end of the stream, a disconnect, an error, server shutdown — with the
+    error that ended it (None on a clean end). Cleanup is shielded from cancellation so the lease
+    is always released.
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        cleanup: Cleanup,
+        media_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._content = content
+        self._cleanup = cleanup
+        self.disconnected = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error: BaseException | None = None
+        streamer = asyncio.ensure_future(self.stream_response(send))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((streamer, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not streamer.done():
+                self.disconnected = True
+            elif not streamer.cancelled() and streamer.exception() is not None:
+                error = streamer.exception()
+                self.disconnected = isinstance(error, OSError)  # the socket went away mid-send
+        except BaseException as err:  # cancelled: the server is stopping
+            error = err
+            raise
+        finally:
+            for task in (streamer, watcher):
+                if not task.done():
+                    task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(streamer, watcher, return_exceptions=True)
+            # Shielded: a cancelled request must still close the upstream and release its lease.
+            await asyncio.shield(self._finish(ClientDisconnected() if self.disconnected else error))
+        if error is not None and not self.disconnected:
+            raise error
+
+    async def _finish(self, error: BaseException | None) -> None:
+        aclose = getattr(self._content, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+        await self._cleanup(error)
+
+
+def now_ns() -> int:
+    return time.perf_counter_ns()

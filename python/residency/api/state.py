@@ -1,0 +1,61 @@
+"""What every route needs, stored once on ``app.state`` by the lifespan (no module-level state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from pydantic import BaseModel
+
+from residency.api._types import SchedulerLike
+from residency.api.errors import ApiError
+from residency.api.metrics import Metrics, RequestRecord
+from residency.config import Settings
+from residency.keepalive import parse_keep_alive
+
+__all__ = ["ApiState", "State", "body_schema", "check_keep_alive"]
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    scheduler: SchedulerLike
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def record(self, api: str, endpoint: str) -> RequestRecord:
+        return RequestRecord(self.metrics, api, endpoint)
+
+
+def _state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.residency
+    return state
+
+
+State = Annotated[ApiState, Depends(_state)]
+
+
+def check_keep_alive(value: str | float | None) -> int | None:
+    """Rejects an unparseable keep_alive with 400 before anything is queued; returns ns."""
+    if value is None:
+        return None
+    try:
+        return parse_keep_alive(value)
+    except Exception as err:  # InvalidArgumentError; message already says what is wrong
+        raise ApiError(400, f"keep_alive: {err}", code="invalid_keep_alive") from None
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for a route that parses its body itself (any Content-Type).
+
+    The component itself is added by ``app.openapi`` (see app.py), so the schema FastAPI publishes
+    documents the same model the route validates with.
+    """
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        },
+    }

@@ -1,0 +1,101 @@
+"""``residency serve``: the HTTP facade under uvicorn.
+
+Settings come from ``--config`` (or ``$RESIDENCY_CONFIG``), the environment (``RESIDENCY_*`` and
+Ollama's ``OLLAMA_*`` names, ``OLLAMA_HOST`` included) and the flags, in rising priority. SIGINT or
+SIGTERM stop accepting connections, let requests in flight finish (up to a deadline), then the
+lifespan stops the scheduler, which stops every runner process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+__all__ = ["add_arguments", "run", "serve"]
+
+log = logging.getLogger("residency.server")
+
+#: Seconds that requests in flight get to finish after SIGTERM before their connections close.
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        help="address to listen on, optionally host:port (default 127.0.0.1, or $OLLAMA_HOST)",
+    )
+    parser.add_argument("--port", type=int, help="port to listen on (default 11434)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML configuration file (default $RESIDENCY_CONFIG)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log verbosity (default info: one line per request)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``serve`` subcommand's handler."""
+    from residency.config import load_settings
+    from residency.errors import ResidencyError
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    _configure_logging(args.log_level)
+    try:
+        settings = load_settings(args.config, **overrides)
+        return serve(settings, log_level=args.log_level)
+    except ResidencyError as err:
+        print(f"residency: error: {err}", file=sys.stderr)
+        return 2
+
+
+def serve(settings: Any, *, log_level: str = "info") -> int:
+    """Serves until SIGINT/SIGTERM; returns the process exit status."""
+    import uvicorn
+
+    from residency.api import create_app
+    from residency.scheduler import Scheduler
+
+    # Built here, not in the lifespan: a bad model file fails with a clear message before
+    # uvicorn binds the port. Constructing it starts nothing.
+    scheduler = Scheduler(settings)
+    app = create_app(settings, scheduler=scheduler)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our logging setup: one format for residency and uvicorn
+        log_level=log_level,
+        access_log=False,  # residency.access logs one richer line per request
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    log.info(
+        "residency serving %d model(s) on http://%s:%d",
+        len(scheduler.models()),
+        settings.host,
+        settings.port,
+    )
+    server.run()
+    # uvicorn leaves started False when binding or the lifespan's start failed.
+    return 0 if server.started else 1
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # httpx logs every runner call at INFO: noise, and a cost on the hot path.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
