@@ -7,4 +7,6 @@ PYBIND11_MODULE(_core, m, pybind11::mod_gil_not_used()) {
   m.attr("__version__") = RESIDENCY_VERSION;
   residency::bindings::register_errors(m);
   residency::bindings::register_resident_set(m);
+  residency::bindings::register_probes(m);
+  residency::bindings::register_watcher(m);
 }

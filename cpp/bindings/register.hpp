@@ -7,5 +7,7 @@ namespace residency::bindings {
 
 void register_errors(pybind11::module_& m);
 void register_resident_set(pybind11::module_& m);
+void register_probes(pybind11::module_& m);
+void register_watcher(pybind11::module_& m);
 
 }  // namespace residency::bindings

@@ -41,6 +41,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 _COMMANDS.append(_add_serve)
 
 
+def _add_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from residency.memory import add_devices_command
+
+    add_devices_command(sub)
+
+
+_COMMANDS.append(_add_devices)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
