@@ -91,6 +91,9 @@ def api_error(exc: BaseException) -> ApiError:
     """The status and message for any exception a request can raise."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ClientDisconnected):
+        # Nobody reads this answer; 499 (nginx's "client closed request") is for logs and metrics.
+        return ApiError(499, "client disconnected", code="client_disconnected")
     if isinstance(exc, pydantic.ValidationError):
         return ApiError(400, describe_validation(exc.errors(include_url=False)))
     if isinstance(exc, RequestValidationError):
@@ -148,6 +151,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     """Every error, whatever raised it, leaves in the shape of the API that was called."""
     for exc_type in (
         ApiError,
+        ClientDisconnected,
         ResidencyError,
         pydantic.ValidationError,
         RequestValidationError,

@@ -1,0 +1,309 @@
+"""Test doubles for the HTTP facade: a scheduler that satisfies the contract, and a runner that
+speaks the OpenAI API through httpx.MockTransport (no process, no sockets).
+
+Only the facade's unit tests use these; the end-to-end tests run the real scheduler and runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from residency.api import create_app
+from residency.config import Settings
+from residency.errors import ModelNotFoundError
+
+RUNNER_MODEL = "runner-internal-name"
+
+
+@dataclass
+class FakeEntry:
+    name: str
+    path: Path = Path("/models/fake.gguf")
+    size_bytes: int = 1234
+    modified_at: datetime = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    digest: str = "ab" * 32
+    runner: str = "fake"
+    details: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "format": "unknown",
+            "family": "gemma3",
+            "families": ["gemma3"],
+            "parameter_size": "270M",
+            "quantization_level": "Q4_K_M",
+            "context_length": 32768,  # registry extras that must not leak into Ollama's shape
+        }
+    )
+    options: Mapping[str, Any] = field(default_factory=lambda: {"ctx": 2048, "gpu_layers": "auto"})
+
+
+@dataclass
+class FakeLease:
+    model: str
+    entry: FakeEntry
+    client: httpx.AsyncClient
+    cold: bool
+    load_duration_ns: int
+    queue_duration_ns: int
+
+    def output_tail(self) -> str:
+        return "fake runner: last words"
+
+
+@dataclass
+class FakeResident:
+    name: str
+    entry: FakeEntry
+    device: str = "cuda:0"
+    state: str = "ready"
+    bytes: int = 500_000_000
+    estimated_bytes: int = 450_000_000
+    measured_bytes: int | None = 480_000_000
+    size_vram: int = 500_000_000
+    expires_at: datetime | None = None
+    context_length: int = 2048
+    refcount: int = 0
+
+
+@dataclass
+class FakeRunner:
+    """Answers /v1/chat/completions, /v1/completions and /v1/embeddings like llama-cpp-python."""
+
+    tokens: Sequence[str] = ("Hel", "lo", " world")
+    finish_reason: str = "stop"
+    token_delay_s: float = 0.0
+    #: Extra fields on the last stream event (usage, timings) as llama-server sends them.
+    final_extra: Mapping[str, Any] = field(default_factory=dict)
+    #: (status, body) to answer every request with, instead of a completion.
+    error: tuple[int, Any] | None = None
+    #: Raise this transport error instead of answering.
+    transport_error: Exception | None = None
+    #: Break the stream with an error event after this many tokens.
+    fail_after: int | None = None
+    requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    closed_streams: int = 0
+    tokens_sent: int = 0
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.requests.append((request.url.path, body))
+        if self.transport_error is not None:
+            raise self.transport_error
+        if self.error is not None:
+            status, payload = self.error
+            return httpx.Response(status, json=payload)
+        path = request.url.path
+        if path == "/v1/embeddings":
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            data = [
+                {"object": "embedding", "index": i, "embedding": [3.0, 4.0, 0.0 + i]}
+                for i in range(len(inputs))
+            ]
+            return httpx.Response(
+                200,
+                json={
+                    "object": "list",
+                    "model": RUNNER_MODEL,
+                    "data": data,
+                    "usage": {"prompt_tokens": 7, "total_tokens": 7},
+                },
+            )
+        chat = path == "/v1/chat/completions"
+        if body.get("stream"):
+            return httpx.Response(
+                200,
+                headers={"content-type": "text/event-stream"},
+                content=self._stream(chat),
+            )
+        text = "".join(self.tokens)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return httpx.Response(
+            200,
+            json={
+                "id": "cmpl-1",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": 1,
+                "model": RUNNER_MODEL,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": len(self.tokens),
+                    "total_tokens": 5 + len(self.tokens),
+                },
+            },
+        )
+
+    async def _stream(self, chat: bool) -> AsyncIterator[bytes]:
+        try:
+            for i, token in enumerate(self.tokens):
+                if self.fail_after is not None and i == self.fail_after:
+                    yield _sse({"error": {"message": "runner exploded", "type": "server_error"}})
+                    return
+                if self.token_delay_s:
+                    await asyncio.sleep(self.token_delay_s)
+                self.tokens_sent += 1
+                yield _sse(_chunk(chat, token, None))
+            yield _sse({**_chunk(chat, "", self.finish_reason), **self.final_extra})
+            # sse-starlette (llama-cpp-python) separates events with CRLF
+            yield b"data: [DONE]\r\n\r\n"
+        finally:
+            self.closed_streams += 1
+
+
+def _chunk(chat: bool, token: str, finish: str | None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+    if chat:
+        choice["delta"] = {"content": token} if token else {}
+    else:
+        choice["text"] = token
+    return {
+        "id": "cmpl-1",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": 1,
+        "model": RUNNER_MODEL,
+        "choices": [choice],
+    }
+
+
+def _sse(event: Mapping[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\r\n\r\n"
+
+
+class FakeScheduler:
+    """The scheduler contract with no processes: one fake runner serves every model."""
+
+    def __init__(self, runner: FakeRunner, names: Sequence[str] = ("gemma3:270m",)) -> None:
+        self.runner = runner
+        self.entries = {n: FakeEntry(n) for n in names}
+        self.client = httpx.AsyncClient(
+            transport=httpx.MockTransport(runner.handle), base_url="http://runner"
+        )
+        self.loaded: set[str] = set()
+        self.sessions: list[dict[str, Any]] = []
+        self.unloaded: list[str] = []
+        self.refcount = 0
+        self.fail_with: BaseException | None = None
+        #: Seconds session() waits before handing out the lease (a queue or a load).
+        self.acquire_delay_s = 0.0
+        self.started = False
+        self.stopped = False
+        self.expires_at: datetime | None = datetime.now(timezone.utc) + timedelta(minutes=5)
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped = True
+        await self.client.aclose()
+
+    def resolve(self, name: str) -> FakeEntry:
+        entry = self.entries.get(name.removesuffix(":latest"))
+        if entry is None:
+            raise ModelNotFoundError(f"model {name!r} not found")
+        return entry
+
+    def models(self) -> list[FakeEntry]:
+        return list(self.entries.values())
+
+    def resident(self) -> list[FakeResident]:
+        return [
+            FakeResident(
+                name=n,
+                entry=self.entries[n],
+                refcount=self.refcount,
+                expires_at=self.expires_at,
+            )
+            for n in sorted(self.loaded)
+        ]
+
+    async def unload(self, model: str) -> None:
+        name = self.resolve(model).name
+        self.unloaded.append(name)
+        self.loaded.discard(name)
+
+    @asynccontextmanager
+    async def session(
+        self,
+        model: str,
+        *,
+        keep_alive: str | float | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[FakeLease]:
+        entry = self.resolve(model)
+        record: dict[str, Any] = {
+            "model": model,
+            "keep_alive": keep_alive,
+            "options": dict(options or {}),
+            "released": False,
+        }
+        self.sessions.append(record)
+        if self.acquire_delay_s:
+            await asyncio.sleep(self.acquire_delay_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        cold = entry.name not in self.loaded
+        self.loaded.add(entry.name)
+        self.refcount += 1
+        try:
+            yield FakeLease(
+                model=model,
+                entry=entry,
+                client=self.client,
+                cold=cold,
+                load_duration_ns=1_500_000_000 if cold else 0,
+                queue_duration_ns=1000,
+            )
+        finally:
+            self.refcount -= 1
+            record["released"] = True
+
+
+@dataclass
+class Served:
+    client: httpx.AsyncClient
+    sched: FakeScheduler
+    runner: FakeRunner
+    app: Any
+
+
+@asynccontextmanager
+async def serving(
+    runner: FakeRunner | None = None, names: Sequence[str] = ("gemma3:270m",)
+) -> AsyncIterator[Served]:
+    """The app over a FakeScheduler, lifespan run, and an httpx client bound to it in-process."""
+    runner = runner or FakeRunner()
+    sched = FakeScheduler(runner, names)
+    app = create_app(Settings(), scheduler=sched)
+    async with app.router.lifespan_context(app):
+        assert sched.started
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://residency") as client:
+            yield Served(client, sched, runner, app)
+    assert sched.stopped
+
+
+def ndjson(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def sse(text: str) -> list[Any]:
+    """The data payloads of an SSE body; "[DONE]" stays a string."""
+    out: list[Any] = []
+    for raw in text.split("\n\n"):
+        block = raw.strip()
+        if block.startswith("data: "):
+            payload = block[len("data: ") :]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
