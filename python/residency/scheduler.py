@@ -117,9 +117,9 @@ class Lease:
     device: str
     runner: Runner = field(repr=False)
 
-    def output_tail(self) -> str:
+    def output_tail(self, lines: int = 40) -> str:
         """The runner's last output lines, for error messages."""
-        return self.runner.output_tail()
+        return self.runner.output_tail(lines)
 
     @property
     def alive(self) -> bool:

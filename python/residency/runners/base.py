@@ -88,7 +88,7 @@ class Runner(ABC):
         spec: LaunchSpec,
         *,
         port: int | None = None,
-        tail_lines: int = 64,
+        tail_lines: int = 256,
         on_exit: Callable[[Runner], None] | None = None,
     ) -> None:
         self.spec = spec
@@ -247,9 +247,14 @@ class Runner(ABC):
         return self.returncode
 
     # ---- what it said -------------------------------------------------------------------------
-    def output_tail(self) -> str:
-        """The last lines the runner printed (stdout and stderr together)."""
-        return "\n".join(self._tail)
+    def output_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines the runner printed (stdout and stderr together)."""
+        kept = list(self._tail)
+        return "\n".join(kept[-lines:] if lines > 0 else kept)
+
+    def buffer_report(self) -> dict[str, int]:
+        """Every buffer llama.cpp reported, as {"CPU_Mapped/model": bytes, "CUDA0/KV": …}."""
+        return dict(self._buffers)
 
     def reported_bytes(self) -> int | None:
         """The memory the runner reported allocating on its device (llama.cpp's buffer lines):

@@ -1,0 +1,84 @@
+"""End to end: the scheduler driving the real llama-cpp-python runner with the real Gemma 3 270M.
+
+Two entries share the GGUF with different contexts; the budget holds one of them at a time, so
+asking for A, then B, then A swaps for real: processes stop, memory is re-measured, models reload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from residency.config import ModelConfig, load_settings
+from residency.embedded import default_model_path
+from residency.scheduler import Lease, Scheduler
+from scheduler_helpers import alive, eventually
+
+pytest.importorskip("llama_cpp.server", reason="needs the llama extra (llama-cpp-python[server])")
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+MIB = 1024 * 1024
+#: Each entry's reservation before the runner reports its real usage (about 1 GiB for Gemma 3
+#: 270M on the CPU, most of it llama.cpp's logits buffers): two never fit in the 1.5 GiB budget.
+RESERVE = 900 * MIB
+BUDGET = 1536 * MIB
+
+
+async def _generate(lease: Lease) -> str:
+    r = await lease.client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4},
+        timeout=60,
+    )
+    r.raise_for_status()
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def _pid(lease: Lease) -> int:
+    assert lease.runner.pid is not None
+    return lease.runner.pid
+
+
+async def test_swap_two_real_models_through_the_budget(tmp_path: Path) -> None:
+    gguf = default_model_path()
+    models = [
+        ModelConfig(name="gemma-a", path=gguf, ctx=512, memory=RESERVE),
+        ModelConfig(name="gemma-b", path=gguf, ctx=1024, memory=RESERVE),
+    ]
+    settings: Any = load_settings(models=models, memory_limit=BUDGET, stop_timeout_s=10)
+    async with Scheduler(settings) as s:
+        async with s.session("gemma-a") as a:
+            assert a.cold
+            assert await _generate(a)  # the model really generates
+            pid_a = _pid(a)
+            r = await a.client.post("/v1/embeddings", json={"input": "hello"}, timeout=60)
+            assert r.status_code == 200, "embeddings on by default, beside generation"
+            buffers = a.runner.buffer_report()
+            report = sum(buffers.values())
+        [row] = s.resident()
+        assert row.name == "gemma-a"
+        assert row.context_length == 512
+        # The runner's own report (llama.cpp's buffer lines) replaces the estimate.
+        assert row.measured_bytes == report
+        assert set(buffers) >= {"CPU_Mapped/model", "CPU/KV", "CPU/compute", "CPU/output"}
+        assert 200 * MIB < buffers["CPU_Mapped/model"] <= gguf.stat().st_size
+        assert row.size_vram == 0  # the host is no GPU
+
+        async with s.session("gemma-b") as b:
+            assert b.cold
+            assert not alive(pid_a), "A was evicted to make room for B"
+            assert await _generate(b)
+            pid_b = _pid(b)
+        assert [r.name for r in s.resident()] == ["gemma-b"]
+
+        async with s.session("gemma-a", keep_alive=0) as a2:
+            assert a2.cold
+            assert _pid(a2) != pid_a
+            assert not alive(pid_b), "B was evicted to reload A"
+            assert await _generate(a2)
+            pid_a2 = _pid(a2)
+        # keep_alive 0: unloaded as soon as the request ended.
+        await eventually(lambda: not alive(pid_a2) and s.resident() == [], 15, "unload")
+        assert s.core.devices()[0].reserved_bytes == 0
