@@ -42,12 +42,12 @@ def fake_model(
     ]
     if sim is not None:
         command += ["--sim", str(sim)]
+    config.setdefault("memory", mem)
     return ModelConfig(
         name=name,
         path=model_file,
         runner="command",
         command=command,
-        memory=mem,
         ctx=ctx,
         **config,  # type: ignore[arg-type]
     )
