@@ -113,7 +113,7 @@ void register_watcher(py::module_& m) {
              return WatcherHolder(new RecoveryWatcher(PollSchedule{
                  poll_ns(initial_poll_s, "initial_poll_s"), growth, poll_ns(max_poll_s, "max_poll_s")}));
            }),
-           py::kw_only(), py::arg("initial_poll_s") = 0.001, py::arg("max_poll_s") = 0.004,
+           py::kw_only(), py::arg("initial_poll_s") = 0.001, py::arg("max_poll_s") = 0.006,
            py::arg("growth") = 1.5)
       .def("start", &RecoveryWatcher::start, py::call_guard<py::gil_scoped_release>())
       .def("stop", &RecoveryWatcher::stop, py::call_guard<py::gil_scoped_release>())

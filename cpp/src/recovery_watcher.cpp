@@ -251,10 +251,16 @@ void RecoveryWatcher::run() {
           r.outcome = RecoveryOutcome::TimedOut;
         } else {
           finished = false;
-          w.next_poll_ns = now + w.interval_ns;
-          w.interval_ns = std::min(
-              schedule_.max_ns,
-              static_cast<Nanos>(static_cast<double>(w.interval_ns) * schedule_.growth));
+          if (w.interval_ns >= schedule_.max_ns) {
+            // At the cap, poll on one clock-aligned grid: concurrent watches then share each
+            // wake-up (a wake-up, not the probe call, is most of a poll's CPU cost).
+            w.next_poll_ns = (now / schedule_.max_ns + 1) * schedule_.max_ns;
+          } else {
+            w.next_poll_ns = now + w.interval_ns;
+            w.interval_ns = std::min(
+                schedule_.max_ns,
+                static_cast<Nanos>(static_cast<double>(w.interval_ns) * schedule_.growth));
+          }
         }
       }
       if (finished) {

@@ -56,6 +56,9 @@ __all__ = [
     "cudart_candidates",
     "discover_devices",
     "nvml_candidates",
+    "open_cuda_probe",
+    "open_host_probe",
+    "open_nvml_probe",
     "open_probe",
     "select_probe",
 ]

@@ -11,10 +11,14 @@ result and writes the eventfd; the loop wakes, drains the queue and completes th
 thread. No extra Python thread, no ``call_soon_threadsafe`` from C++, one fd per loop.
 
 Poll schedule (defaults): a watch polls at once (after a crash the memory is usually back
-already), then 1 ms later, each gap 1.5× the last, capped at 4 ms. Recovery takes 0.5–1.5 s, so a
-watch spends nearly all of its life at the cap: the detection delay is uniform in [0, 4 ms]
-(p50 ≈ 2 ms, p99 ≈ 4 ms plus wake-up jitter) for one probe call per 4 ms. The numbers measured by
-benchmarks/bench_recovery.py are in its docstring.
+already), then 1 ms later, each gap 1.5× the last, capped at 6 ms; at the cap every watch polls on
+one shared clock-aligned grid, so concurrent watches share wake-ups. Recovery takes 0.5–1.5 s, so a
+watch spends nearly all its life at the cap: the detection delay is uniform in [0, 6 ms] plus
+wake-up and event-loop latency, and the cost is one wake-up per 6 ms. A wake-up, not the probe call
+(~2 µs simulated, ~16 µs host), is most of that cost: ~45 µs of CPU on a 2-vCPU VM, so 6 ms is
+~0.7–0.8 % of a core. ``python benchmarks/bench_recovery.py --sweep`` measures the curve; on that
+VM a 4 ms cap cost 1.1 % of a core (over the 1 % budget) for a p50 of 2.7 ms, and 8 ms saved 0.2 %
+for a p50 of 4.5 ms (too close to the 5 ms target).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class Watcher:
     """
 
     def __init__(
-        self, *, initial_poll_s: float = 0.001, max_poll_s: float = 0.004, growth: float = 1.5
+        self, *, initial_poll_s: float = 0.001, max_poll_s: float = 0.006, growth: float = 1.5
     ) -> None:
         self._core = RecoveryWatcher(
             initial_poll_s=initial_poll_s, max_poll_s=max_poll_s, growth=growth
@@ -191,6 +195,11 @@ class Watcher:
             return channel
 
     # ---- introspection -----------------------------------------------------------------------
+    @property
+    def poll_schedule(self) -> tuple[float, float, float]:
+        """(initial_poll_s, growth, max_poll_s)."""
+        return (self._core.initial_poll_s, self._core.growth, self._core.max_poll_s)
+
     @property
     def pending(self) -> int:
         """Watches not yet completed."""

@@ -59,12 +59,14 @@ struct WatchRequest {
 };
 
 /// How often a watch polls: immediately, then `initial_ns` later, each gap `growth` times the last,
-/// never more than `max_ns`. Recovery takes 0.5–1.5 s, so a watch spends nearly all its life at the
-/// cap: detection delay is uniform in [0, max_ns] and CPU is one probe call per max_ns.
+/// never more than `max_ns` (at the cap, on a grid shared by all watches). Recovery takes 0.5–1.5 s,
+/// so a watch spends nearly all its life at the cap: detection delay is uniform in [0, max_ns] and
+/// the CPU cost is one wake-up per max_ns — on a 2-vCPU VM a wake-up costs ~45 µs, so 6 ms is ~0.8 %
+/// of a core with a p50 delay of ~3–4 ms (benchmarks/bench_recovery.py --sweep measures the curve).
 struct PollSchedule {
   Nanos initial_ns = 1'000'000;
   double growth = 1.5;
-  Nanos max_ns = 4'000'000;
+  Nanos max_ns = 6'000'000;
 };
 
 using WatchId = std::uint64_t;
