@@ -23,6 +23,18 @@ from residency._core import (
     policy_names,
 )
 from residency.keepalive import KEEP_FOREVER, parse_keep_alive
+from residency.memory import (
+    DeviceInfo,
+    DeviceOutOfMemoryError,
+    MemoryInfo,
+    MemoryProbe,
+    ProbeError,
+    ProbeUnavailableError,
+    SimulatedDevice,
+    discover_devices,
+    open_probe,
+)
+from residency.watcher import RecoveryOutcome, RecoveryResult, Watcher
 
 __all__ = [
     "KEEP_FOREVER",
@@ -30,19 +42,31 @@ __all__ = [
     "AdmitOutcome",
     "BudgetExceededError",
     "Device",
+    "DeviceInfo",
+    "DeviceOutOfMemoryError",
     "DeviceUsage",
     "InvalidArgumentError",
     "InvalidStateError",
+    "MemoryInfo",
+    "MemoryProbe",
     "ModelBusyError",
     "ModelStats",
     "NotAcquiredError",
+    "ProbeError",
+    "ProbeUnavailableError",
+    "RecoveryOutcome",
+    "RecoveryResult",
     "Reservation",
     "ReservationState",
     "ResidencyError",
     "ResidentSet",
+    "SimulatedDevice",
     "UnknownDeviceError",
     "UnknownModelError",
+    "Watcher",
     "__version__",
+    "discover_devices",
+    "open_probe",
     "parse_keep_alive",
     "policy_names",
 ]
