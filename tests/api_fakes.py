@@ -54,8 +54,10 @@ class FakeLease:
     load_duration_ns: int
     queue_duration_ns: int
 
+    runner: FakeRunner | None = None
+
     def output_tail(self) -> str:
-        return "fake runner: last words"
+        return "\n".join(self.runner.output if self.runner else ["fake runner: last words"])
 
 
 @dataclass
@@ -86,9 +88,15 @@ class FakeRunner:
     error: tuple[int, Any] | None = None
     #: Raise this transport error instead of answering.
     transport_error: Exception | None = None
+    #: Embeddings per token (llama-cpp-python with a model that has no pooling layer).
+    per_token_embeddings: bool = False
+    #: End the stream (without [DONE]) after this many tokens, printing this traceback line.
+    cut_after: int | None = None
+    cut_line: str = "ValueError: Requested tokens (3003) exceed context window of 1024"
     #: Break the stream with an error event after this many tokens.
     fail_after: int | None = None
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    output: list[str] = field(default_factory=lambda: ["fake runner: last words"])
     closed_streams: int = 0
     tokens_sent: int = 0
 
@@ -107,6 +115,10 @@ class FakeRunner:
                 {"object": "embedding", "index": i, "embedding": [3.0, 4.0, 0.0 + i]}
                 for i in range(len(inputs))
             ]
+            if self.per_token_embeddings:  # two tokens each, whose mean is the vector above
+                for d in data:
+                    v = d["embedding"]
+                    d["embedding"] = [[x - 1 for x in v], [x + 1 for x in v]]
             return httpx.Response(
                 200,
                 json={
@@ -148,6 +160,9 @@ class FakeRunner:
     async def _stream(self, chat: bool) -> AsyncIterator[bytes]:
         try:
             for i, token in enumerate(self.tokens):
+                if self.cut_after is not None and i == self.cut_after:
+                    self.output.append(self.cut_line)
+                    return
                 if self.fail_after is not None and i == self.fail_after:
                     yield _sse({"error": {"message": "runner exploded", "type": "server_error"}})
                     return
@@ -264,6 +279,7 @@ class FakeScheduler:
                 cold=cold,
                 load_duration_ns=1_500_000_000 if cold else 0,
                 queue_duration_ns=1000,
+                runner=self.runner,
             )
         finally:
             self.refcount -= 1

@@ -309,3 +309,19 @@ async def test_disconnect_during_a_non_streamed_generation_releases() -> None:
         await asyncio.wait_for(task2, 5)
         assert sched.refcount == 0
         assert all(s["released"] for s in sched.sessions)
+
+
+async def test_stream_cut_short_by_the_runner_is_an_error() -> None:
+    # llama-cpp-python answers 200, then fails (prompt over the context) and closes the stream.
+    async with serving(FakeRunner(cut_after=0)) as s:
+        r = await s.client.post("/api/chat", json=OLLAMA_CHAT)
+        assert_ollama_error(r, 400, "exceed context window of 1024")
+        r = await s.client.post("/api/chat", json={**OLLAMA_CHAT, "stream": True})
+        assert_ollama_error(r, 400, "exceed context window")  # nothing was streamed yet
+    runner = FakeRunner(cut_after=2, cut_line="RuntimeError: llama_decode returned -3")
+    async with serving(runner) as s:
+        r = await s.client.post("/api/chat", json={**OLLAMA_CHAT, "stream": True})
+        lines = ndjson(r.text)
+        assert "ended its stream without finishing: RuntimeError" in lines[-1]["error"]
+        r = await s.client.post("/v1/chat/completions", json={**OPENAI_CHAT, "stream": True})
+        assert "llama_decode returned -3" in sse(r.text)[-1]["error"]["message"]

@@ -433,3 +433,15 @@ async def test_model_name_is_the_one_asked_for() -> None:
         ).json()
         assert body["model"] == MODEL + ":latest"
         assert RUNNER_MODEL not in json.dumps(body)
+
+
+async def test_per_token_embeddings_are_mean_pooled() -> None:
+    async with serving(FakeRunner(per_token_embeddings=True)) as s:
+        body = (await s.client.post("/api/embed", json={"model": MODEL, "input": "a"})).json()
+        assert body["embeddings"] == [pytest.approx([0.6, 0.8, 0.0])]
+        legacy = (
+            await s.client.post("/api/embeddings", json={"model": MODEL, "prompt": "a"})
+        ).json()
+        assert legacy["embedding"] == [3.0, 4.0, 0.0]
+        oa = (await s.client.post("/v1/embeddings", json={"model": MODEL, "input": "a"})).json()
+        assert oa["data"][0]["embedding"] == [3.0, 4.0, 0.0]

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
-import httpx
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic_core import from_json, to_json
@@ -26,12 +25,11 @@ from residency.api.gguf_header import read_header
 from residency.api.metrics import RequestRecord
 from residency.api.proxy import (
     LeasedStream,
+    RunnerStream,
     json_response,
     now_ns,
-    open_stream,
     post_json,
     read_body,
-    sse_events,
     until_disconnected,
 )
 from residency.api.schemas import (
@@ -46,6 +44,7 @@ from residency.api.translate import (
     Generation,
     chat_body,
     generate_body,
+    pooled,
     rfc3339_now,
     split_options,
 )
@@ -149,7 +148,7 @@ async def _generation(
     sched = state.scheduler
     asked = req.model
 
-    async def open_upstream() -> tuple[AsyncExitStack, LeaseLike, httpx.Response, int]:
+    async def open_upstream() -> tuple[AsyncExitStack, LeaseLike, RunnerStream, int]:
         stack = AsyncExitStack()
         try:
             lease = await stack.enter_async_context(
@@ -158,7 +157,7 @@ async def _generation(
             rec.took(lease)
             body["model"] = lease.entry.name
             t_sent = now_ns()
-            upstream = await open_stream(lease, path, body)
+            upstream = await RunnerStream.open(lease, path, body)
             stack.push_async_callback(upstream.aclose)
             return stack, lease, upstream, t_sent
         except BaseException:
@@ -171,8 +170,8 @@ async def _generation(
             stack, lease, upstream, t_sent = await open_upstream()
             async with stack:
                 gen = Generation(t_sent)
-                async for event in sse_events(lease, upstream):
-                    gen.feed(event)
+                async for event, at in upstream:
+                    gen.feed(event, at)
             return _final(asked, gen, rec, lease, chat=chat, whole=True)
 
         out = await until_disconnected(request, whole())
@@ -184,8 +183,8 @@ async def _generation(
     async def lines() -> AsyncIterator[bytes]:
         gen = Generation(t_sent)
         try:
-            async for event in sse_events(lease, upstream):
-                text, think = gen.feed(event)
+            async for event, at in upstream:
+                text, think = gen.feed(event, at)
                 if not (text or think):
                     continue
                 piece: dict[str, Any] = {"model": asked, "created_at": rfc3339_now()}
@@ -342,7 +341,7 @@ async def _embeddings(
         )
     data = from_json(content)
     rows = sorted(data.get("data") or (), key=lambda d: d.get("index", 0))
-    vectors = [row["embedding"] for row in rows]
+    vectors = [pooled(row["embedding"]) for row in rows]
     usage = data.get("usage") or {}
     prompt_tokens = usage.get("prompt_tokens")
     return (

@@ -12,22 +12,19 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
-import httpx
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic_core import from_json, to_json
 from starlette.responses import Response
 
-from residency.api._types import LeaseLike
 from residency.api.errors import api_error, error_body
 from residency.api.metrics import RequestRecord
 from residency.api.proxy import (
     LeasedStream,
+    RunnerStream,
     json_response,
-    open_stream,
     post_json,
     read_body,
-    sse_events,
     until_disconnected,
 )
 from residency.api.schemas import (
@@ -37,6 +34,7 @@ from residency.api.schemas import (
     _OpenAIBase,
 )
 from residency.api.state import ApiState, State, body_schema, check_keep_alive
+from residency.api.translate import pooled
 
 __all__ = ["router"]
 
@@ -91,6 +89,7 @@ async def embeddings(request: Request, state: State) -> Response:
             vector = item.get("embedding")
             if not isinstance(vector, list):
                 continue
+            vector = item["embedding"] = pooled(vector)
             if dims and len(vector) > dims:
                 v = np.asarray(vector[:dims], dtype=np.float64)
                 norm = float(np.linalg.norm(v))
@@ -172,7 +171,7 @@ async def _forward(
         rec.finish(200)
         return Response(out, media_type="application/json")
 
-    async def open_upstream() -> tuple[AsyncExitStack, LeaseLike, httpx.Response]:
+    async def open_upstream() -> tuple[AsyncExitStack, RunnerStream]:
         stack = AsyncExitStack()
         try:
             lease = await stack.enter_async_context(
@@ -182,18 +181,18 @@ async def _forward(
             )
             rec.took(lease)
             body["model"] = lease.entry.name
-            upstream = await open_stream(lease, path, body)
+            upstream = await RunnerStream.open(lease, path, body)
             stack.push_async_callback(upstream.aclose)
-            return stack, lease, upstream
+            return stack, upstream
         except BaseException:
             await stack.aclose()
             raise
 
-    stack, lease, upstream = await until_disconnected(request, open_upstream())
+    stack, upstream = await until_disconnected(request, open_upstream())
 
     async def events() -> AsyncIterator[bytes]:
         try:
-            async for event in sse_events(lease, upstream):
+            async for event, _ in upstream:
                 if event.get("model") != asked:
                     event["model"] = asked
                 yield b"data: " + to_json(event) + b"\n\n"

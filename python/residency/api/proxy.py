@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from residency.errors import RunnerError
 __all__ = [
     "ClientDisconnected",
     "LeasedStream",
+    "RunnerStream",
     "json_response",
     "open_stream",
     "post_json",
@@ -149,8 +151,40 @@ class _Done:
 DONE = _Done()
 
 
-async def sse_events(lease: LeaseLike, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of a runner's server-sent events, until ``[DONE]`` or the end."""
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+
+
+async def _cut_short(lease: LeaseLike) -> Exception:
+    """The error for a stream the runner ended without ``[DONE]``: it failed after answering 200
+    (llama-cpp-python does so when the prompt exceeds the context). Its traceback, in its output,
+    says why; a ValueError there is the runner rejecting the input, as its non-streamed answer
+    would (400)."""
+    line = None
+    for _ in range(20):  # the traceback reaches the log a moment after the socket closes
+        for text in reversed(lease.output_tail().splitlines()):
+            m = _EXCEPTION_LINE.match(text.strip())
+            if m:
+                line = m
+                break
+        if line is not None:
+            break
+        await asyncio.sleep(0.025)
+    if line is not None and line.group(1) == "ValueError":
+        return ApiError(400, line.group(2), code="invalid_request")
+    detail = f": {line.group(1)}: {line.group(2)}" if line is not None else ""
+    return RunnerError(
+        f"runner for model {lease.entry.name!r} ended its stream without finishing{detail}",
+        lease.output_tail(),
+    )
+
+
+Event = tuple[dict[str, Any], int]
+
+
+async def sse_events(lease: LeaseLike, resp: httpx.Response) -> AsyncIterator[Event]:
+    """The JSON payloads of a runner's server-sent events with their arrival times (perf ns),
+    until ``[DONE]``. A stream that ends without ``[DONE]`` raises: the runner failed part way.
+    """
     try:
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
@@ -170,9 +204,47 @@ async def sse_events(lease: LeaseLike, resp: httpx.Response) -> AsyncIterator[di
             if isinstance(event, dict):
                 if "error" in event and "choices" not in event:
                     raise _runner_error(lease, 500, payload.encode())
-                yield event
+                yield event, time.perf_counter_ns()
     except httpx.TransportError as err:
         raise runner_failure(lease, err) from err
+    raise await _cut_short(lease)
+
+
+class RunnerStream:
+    """A runner's event stream, opened and read up to its first event.
+
+    Waiting for the first event before answering means a runner that fails before producing
+    anything (an over-long prompt, a crash during prompt processing) still gets a real HTTP error
+    status; Ollama likewise sends its headers with the first token.
+    """
+
+    def __init__(self, response: httpx.Response, events: AsyncIterator[Event]) -> None:
+        self.response = response
+        self._events = events
+        self._first: Event | None = None
+
+    @classmethod
+    async def open(cls, lease: LeaseLike, path: str, body: Mapping[str, Any]) -> RunnerStream:
+        response = await open_stream(lease, path, body)
+        stream = cls(response, sse_events(lease, response))
+        try:
+            stream._first = await stream._events.__anext__()
+        except StopAsyncIteration:
+            pass
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for item in self._events:
+            yield item
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
 
 
 async def _wait_disconnect(receive: Receive) -> None:

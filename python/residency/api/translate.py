@@ -22,6 +22,7 @@ __all__ = [
     "Generation",
     "chat_body",
     "generate_body",
+    "pooled",
     "rfc3339_now",
     "split_options",
 ]
@@ -210,9 +211,9 @@ class Generation:
         self.timings: dict[str, Any] | None = None
         self._tool_calls: dict[int, dict[str, Any]] = {}
 
-    def feed(self, event: Mapping[str, Any]) -> tuple[str, str]:
-        """Takes one runner event; returns the (content, thinking) text it carried."""
-        now = time.perf_counter_ns()
+    def feed(self, event: Mapping[str, Any], now: int) -> tuple[str, str]:
+        """Takes one runner event that arrived at `now` (perf ns); returns the (content, thinking)
+        text it carried."""
         self.t_end = now
         usage = event.get("usage")
         if isinstance(usage, dict):
@@ -305,3 +306,14 @@ class Generation:
         out["eval_count"] = eval_count
         out["eval_duration"] = eval_ns
         return out
+
+
+def pooled(vector: list[Any]) -> list[float]:
+    """One vector per input. Runners without a pooling layer for the model (llama-cpp-python with
+    a generative GGUF) return one vector per token; Ollama mean-pools those, and so do we."""
+    if vector and isinstance(vector[0], list):
+        import numpy as np
+
+        result: list[float] = np.asarray(vector, dtype=np.float64).mean(axis=0).tolist()
+        return result
+    return vector
