@@ -447,7 +447,8 @@ def test_zz_graceful_shutdown_leaves_no_runner(server: Server) -> None:
     pids = server.note_runners()
     assert pids, "a runner should be resident before shutdown"
     server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(60) == 0
+    # uvicorn re-raises the signal once it has shut down cleanly, so the parent sees SIGTERM.
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
     for pid in server.runner_pids:
         assert not _alive(pid), f"runner {pid} outlived the server"
     assert "Application shutdown complete" in server.log()
