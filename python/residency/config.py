@@ -275,7 +275,19 @@ class _TomlSource(PydanticBaseSettingsSource):
         return data.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_TOML_DATA.get() or {})
+        # pydantic-settings files init and env values under a field's first alias; so must we, or
+        # a key given twice under two names reads as an unknown setting.
+        out: dict[str, Any] = {}
+        for key, value in (_TOML_DATA.get() or {}).items():
+            field = self.settings_cls.model_fields.get(key)
+            alias = field.validation_alias if field is not None else None
+            out[_first_alias(alias) if isinstance(alias, AliasChoices) else key] = value
+        return out
+
+
+def _first_alias(alias: AliasChoices) -> str:
+    first = alias.choices[0]
+    return first if isinstance(first, str) else str(first)
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
@@ -333,9 +345,17 @@ def _relative_to(base: Path, text: str) -> Path:
 
 
 def _describe(err: ValidationError) -> str:
+    # Name the setting as users know it: "max_queue (RESIDENCY_MAX_QUEUE, OLLAMA_MAX_QUEUE)".
+    names: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            env = [str(c) for c in alias.choices if str(c).isupper()]
+            names[_first_alias(alias)] = f"{name} ({', '.join(env)})"
     parts = []
     for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "settings"
+        loc = [names.get(str(x), str(x)) for x in e["loc"]]
+        where = ".".join(loc) or "settings"
         msg = e["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)

@@ -38,6 +38,7 @@ from residency._core import (
 )
 from residency.config import Settings
 from residency.errors import (
+    EstimateError,
     ModelTooLargeError,
     ResidencyError,
     RunnerError,
@@ -185,6 +186,8 @@ class Scheduler:
         self._watcher: Any = None
         self._device_index: dict[str, int] = {}
         self._instances: dict[str, _Instance] = {}
+        #: Estimated bytes per (model, options): estimating reads the GGUF, once.
+        self._estimates: dict[tuple[str, LoadOptions], int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.Task[None] | None = None
@@ -415,6 +418,9 @@ class Scheduler:
         and how long the request queued."""
         core = self.core
         key = entry.name
+        # Estimating can take a while (it reads the GGUF): done before each decision, in a thread,
+        # so that the decision itself runs without an await (atomic on the loop).
+        needed, gpu_layers = await self._needed(entry, want)
         while True:
             if self._closed:
                 raise ResidencyError("the scheduler is shutting down")
@@ -437,7 +443,6 @@ class Scheduler:
             if inst is not None:  # being stopped: wait until it is gone
                 await changed.wait()
                 continue
-            needed, gpu_layers = self._needed(entry, want)
             decision = core.admit(key, needed, now, ka_ns)
             if decision.outcome == AdmitOutcome.LOAD:
                 device = decision.device or HOST_DEVICE
@@ -463,6 +468,10 @@ class Scheduler:
                 await changed.wait()
                 continue
             if decision.outcome == AdmitOutcome.TOO_LARGE:
+                partial = await self._partial_offload(entry, want, needed, gpu_layers)
+                if partial is not None:
+                    needed, gpu_layers = partial
+                    continue
                 raise ModelTooLargeError(
                     f"model {key!r} needs {_gib(needed)} with context {want.ctx}, which fits on no "
                     f"device: {decision.reason}"
@@ -714,12 +723,74 @@ class Scheduler:
             return None
         return free_at_spawn - free_now
 
-    def _needed(self, entry: ModelEntry, want: LoadOptions) -> tuple[int, int]:
-        """Bytes to reserve, and the GPU layers to start with (-1 = all)."""
+    async def _needed(self, entry: ModelEntry, want: LoadOptions) -> tuple[int, int]:
+        """Bytes to reserve on the device, and the GPU layers to start with (-1 = all)."""
         layers = -1 if want.gpu_layers == "auto" else int(want.gpu_layers)
         if entry.config.memory is not None:
             return entry.config.memory, layers
-        return _estimate_bytes(entry, want), layers
+        key = (entry.name, want)
+        if key not in self._estimates:
+            kw = self._estimate_options(entry, want)
+            on_gpu = self._has_gpu()
+            est = await asyncio.to_thread(
+                _estimate,
+                entry,
+                gpu_layers="all" if layers < 0 else layers,
+                device="gpu" if on_gpu else "cpu",
+                **kw,
+            )
+            self._estimates[key] = int(est.gpu_bytes if on_gpu else est.total_bytes)
+        return self._estimates[key], layers
+
+    async def _partial_offload(
+        self, entry: ModelEntry, want: LoadOptions, needed: int, layers: int
+    ) -> tuple[int, int] | None:
+        """For a model too large for any GPU: the layers that fit on the largest, the rest on the
+        host (what llama.cpp's -ngl does). None when the runner or the device cannot split."""
+        if (
+            layers >= 0
+            or not self._has_gpu()
+            or not runner_class(entry.runner).supports_offload
+            or entry.config.memory is not None
+        ):
+            return None
+        budget = max(d.budget_bytes for d in self.core.devices())
+        from residency.estimate import fit_layers
+
+        fit = await asyncio.to_thread(
+            fit_layers, entry.path, budget, **self._estimate_options(entry, want)
+        )
+        if fit.layers <= 0 or fit.gpu_bytes >= needed:
+            return None
+        log.info(
+            "%s does not fit on one GPU (%s): %d layers on the GPU (%s), the rest on the host (%s)",
+            entry.name,
+            _gib(needed),
+            fit.layers,
+            _gib(fit.gpu_bytes),
+            _gib(fit.host_bytes),
+        )
+        return fit.gpu_bytes, fit.layers
+
+    def _estimate_options(self, entry: ModelEntry, want: LoadOptions) -> dict[str, Any]:
+        """The estimator's options for the command line the runner kind will use."""
+        kind = entry.runner
+        embedding = entry.config.embedding
+        if embedding is None:
+            embedding = kind == "llama-cpp-python"
+        if kind == "llama-server":  # its --ctx-size is shared by the slots: each gets ctx
+            return {
+                "ctx": want.ctx * want.parallel,
+                "parallel": want.parallel,
+                "kv_type": want.kv_type,
+                "embeddings": embedding,
+                "swa_full": False,
+            }
+        # llama-cpp-python serves one sequence at a time.
+        return {"ctx": want.ctx, "parallel": 1, "kv_type": want.kv_type, "embeddings": embedding}
+
+    def _has_gpu(self) -> bool:
+        return any(d.id != HOST_DEVICE for d in self.core.devices())
 
     # ---- options and keep-alive ----------------------------------------------------------------
     def _options(self, entry: ModelEntry, options: Mapping[str, Any] | None) -> LoadOptions:
@@ -853,14 +924,18 @@ def _open_watcher() -> Any:
     return watcher
 
 
-def _estimate_bytes(entry: ModelEntry, want: LoadOptions) -> int:
+def _estimate(entry: ModelEntry, **options: Any) -> Any:
+    """residency.estimate for a configured model; a precise error for files it cannot read."""
+    from residency.estimate import estimate
+
     try:
-        from residency.estimate import estimate
-    except ImportError:
-        # Until the estimator lands: weights plus a margin; the runner's measurement replaces it.
-        return int(entry.size_bytes * 1.2) + (64 << 20)
-    result = estimate(entry.path, ctx=want.ctx, parallel=want.parallel, kv_type=want.kv_type)
-    return int(result.total_bytes)
+        return estimate(entry.path, **options)
+    except EstimateError as err:
+        if entry.runner == "command":
+            raise EstimateError(
+                f"{err}; give model {entry.name!r} a `memory` (bytes to reserve) in the config"
+            ) from None
+        raise
 
 
 def _opt_int(opts: Mapping[str, Any], names: tuple[str, ...]) -> int | None:

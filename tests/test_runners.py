@@ -1,0 +1,217 @@
+"""Runner kinds: their command lines, and the process lifecycle they share (on the fake runner)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from residency.errors import ConfigError, RunnerError
+from residency.runners import (
+    CommandRunner,
+    LaunchSpec,
+    LlamaCppPythonRunner,
+    LlamaServerRunner,
+    Runner,
+    runner_class,
+)
+from scheduler_helpers import FAKE_RUNNER, alive, eventually, group_members
+
+
+def spec(**kw: object) -> LaunchSpec:
+    base: dict[str, object] = {
+        "name": "m",
+        "model_path": Path("/models/m.gguf"),
+        "ctx": 2048,
+        "parallel": 2,
+        "kv_type": "f16",
+        "gpu_layers": -1,
+    }
+    base.update(kw)
+    return LaunchSpec(**base)  # type: ignore[arg-type]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+async def test_llama_cpp_python_command_line() -> None:
+    r = LlamaCppPythonRunner(
+        spec(
+            device="cuda:1",
+            device_index=1,
+            extra={"details": {"family": "gemma3", "has_chat_template": False}},
+        )
+    )
+    argv = r.argv()
+    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    assert flag(argv, "--host") == "127.0.0.1"
+    assert flag(argv, "--port") == str(r.port)
+    assert flag(argv, "--n_ctx") == "2048"
+    assert flag(argv, "--n_gpu_layers") == "-1"
+    assert flag(argv, "--embedding") == "true"
+    assert flag(argv, "--chat_format") == "gemma"  # the GGUF ships no template
+    assert "--type_k" not in argv
+    assert r.environment()["CUDA_VISIBLE_DEVICES"] == "1"
+    q8 = LlamaCppPythonRunner(spec(kv_type="q8_0", device="host", extra={"embedding": False}))
+    argv = q8.argv()
+    assert flag(argv, "--type_k") == flag(argv, "--type_v") == "8"  # ggml's Q8_0
+    assert flag(argv, "--flash_attn") == "true"
+    assert flag(argv, "--n_gpu_layers") == "0"  # on the host
+    assert flag(argv, "--embedding") == "false"
+    assert "CUDA_VISIBLE_DEVICES" not in q8.environment() or q8.spec.device == "host"
+    with pytest.raises(ConfigError, match="unknown KV cache type 'q9'"):
+        LlamaCppPythonRunner(spec(kv_type="q9")).argv()
+    for r in (q8,):
+        await r.client.aclose()
+
+
+async def test_llama_server_command_line(tmp_path: Path) -> None:
+    binary = tmp_path / "llama-server"
+    r = LlamaServerRunner(spec(device="cuda:0", extra={"binary": str(binary)}))
+    argv = r.argv()
+    assert argv[0] == str(binary)
+    assert flag(argv, "--ctx-size") == "4096"  # shared by 2 slots of 2048
+    assert flag(argv, "--parallel") == "2"
+    assert flag(argv, "--n-gpu-layers") == "999"
+    assert flag(argv, "--cache-type-k") == "f16"
+    assert "--embeddings" not in argv
+    assert r.health_path == "/health"
+    missing = LlamaServerRunner(spec(extra={"binary": None}))
+    if shutil.which("llama-server") is None:
+        with pytest.raises(ConfigError, match="no llama-server is on PATH"):
+            missing.argv()
+    await r.client.aclose()
+    await missing.client.aclose()
+
+
+async def test_command_template_placeholders() -> None:
+    template = [
+        "serve",
+        "{model}",
+        "--port={port}",
+        "--ctx",
+        "{ctx}",
+        "-np",
+        "{parallel}",
+        "--ngl",
+        "{gpu_layers}",
+        "--kv",
+        "{kv_type}",
+        "--name",
+        "{name}",
+        "{device}",
+    ]
+    r = CommandRunner(spec(device="cuda:0", extra={"command": template}))
+    assert r.argv() == [
+        "serve",
+        "/models/m.gguf",
+        f"--port={r.port}",
+        "--ctx",
+        "2048",
+        "-np",
+        "2",
+        "--ngl",
+        "-1",
+        "--kv",
+        "f16",
+        "--name",
+        "m",
+        "cuda:0",
+    ]
+    bad = CommandRunner(spec(extra={"command": ["serve", "{modle}"]}))
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{modle\}"):
+        bad.argv()
+    assert runner_class("command") is CommandRunner
+    with pytest.raises(ConfigError, match="unknown runner kind 'vllm'"):
+        runner_class("vllm")
+    await r.client.aclose()
+    await bad.client.aclose()
+
+
+def fake(*flags: str, **kw: object) -> CommandRunner:
+    command = [sys.executable, str(FAKE_RUNNER), "--port", "{port}", "--name", "{name}", *flags]
+    return CommandRunner(spec(device="host", extra={"command": command}), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+async def test_start_ready_report_and_graceful_stop() -> None:
+    r = fake("--bytes", str(64 << 20))
+    await r.start()
+    seconds = await r.wait_ready(10)
+    assert 0 < seconds < 10
+    assert r.reported_bytes() == 64 << 20
+    assert r.buffer_report() == {"CPU/model": 64 << 20}
+    assert await r.ping(2)
+    assert "listening on" in r.output_tail()
+    assert await r.stop(5) == 0  # SIGTERM handled: clean exit
+    assert r.exited
+    assert not alive(r.pid or 0)
+    assert not await r.ping(1)
+    assert await r.stop(5) == 0  # idempotent
+
+
+@pytest.mark.timeout(30)
+async def test_a_crash_is_noticed_at_once_with_its_last_words() -> None:
+    seen: list[tuple[Runner, float]] = []
+    r = fake("--crash-after-s", "0.3", on_exit=lambda run: seen.append((run, time.monotonic())))
+    await r.start()
+    await r.wait_ready(10)
+    rc = await r.wait_exit()
+    assert rc == 7
+    assert seen
+    assert seen[0][0] is r
+    assert "simulated crash" in r.output_tail()
+    err = r.error("died")
+    assert "(pid" in str(err)
+    assert "simulated crash" in err.output_tail
+    await r.stop(1)
+
+
+@pytest.mark.timeout(30)
+async def test_failing_load_raises_with_the_output() -> None:
+    r = fake("--fail-load")
+    await r.start()
+    with pytest.raises(RunnerError, match="exited with exit code 3 while loading") as info:
+        await r.wait_ready(10)
+    assert "invalid magic number" in info.value.output_tail
+    await r.stop(1)
+
+
+@pytest.mark.timeout(30)
+async def test_stall_timeout_only_without_progress() -> None:
+    hang = fake("--hang-health")
+    await hang.start()
+    start = time.monotonic()
+    with pytest.raises(RunnerError, match=r"made no progress for 0.5 s"):
+        await hang.wait_ready(0.5)
+    assert time.monotonic() - start < 5
+    await hang.stop(2)
+    busy = fake("--load-s", "1.5")  # prints while loading: progress, so no timeout
+    await busy.start()
+    assert await busy.wait_ready(0.5) >= 1.5
+    await busy.stop(2)
+
+
+@pytest.mark.timeout(30)
+async def test_stop_kills_the_whole_group_even_when_it_ignores_sigterm() -> None:
+    r = fake("--child", "--ignore-term")
+    await r.start()
+    await r.wait_ready(10)
+    pgid = r.pid or 0
+    await eventually(lambda: len(group_members(pgid)) == 2, 5, "the child process")
+    start = time.monotonic()
+    rc = await r.stop(0.5)
+    assert rc == -9  # SIGKILL after the deadline
+    assert 0.5 <= time.monotonic() - start < 3
+    assert group_members(pgid) == []
+
+
+@pytest.mark.timeout(30)
+async def test_a_missing_program_is_a_runner_error() -> None:
+    r = CommandRunner(spec(extra={"command": ["/nonexistent/server", "{port}"]}))
+    with pytest.raises(RunnerError, match="cannot start the command runner for 'm'"):
+        await r.start()
