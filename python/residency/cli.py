@@ -50,6 +50,15 @@ def _add_devices(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 _COMMANDS.append(_add_devices)
 
 
+def _add_estimate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from residency.estimate.cli import add_parser
+
+    add_parser(sub)
+
+
+_COMMANDS.append(_add_estimate)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
