@@ -144,8 +144,11 @@ class Settings(BaseSettings):
     recovery_timeout_s: float = Field(default=5.0, gt=0)
     #: Health ping timeout before reusing an idle runner.
     ping_timeout_s: float = Field(default=10.0, gt=0)
-    #: SIGTERM to SIGKILL deadline when stopping a runner.
+    #: SIGTERM to SIGKILL deadline when stopping a runner (unload, keep-alive expiry, shutdown).
     stop_timeout_s: float = Field(default=10.0, gt=0)
+    #: The same deadline for an idle runner evicted to make room for a waiting load; 0 = SIGKILL
+    #: at once (an idle inference server has nothing to save, and the load is waiting).
+    evict_grace_s: float = Field(default=0.0, ge=0)
     policy: str = "ollama"
     probe: Literal["auto", "cuda", "nvml", "host", "simulated"] = "auto"
     #: A simulated device file (residency.memory.SimulatedDevice): the test double of a GPU.
