@@ -35,6 +35,9 @@ def main() -> int:
     p.add_argument("--load-s", type=float, default=0.0, help="busy loading this long")
     p.add_argument("--fail-load", action="store_true", help="exit 3 while loading")
     p.add_argument("--hang-health", action="store_true", help="never answer health checks")
+    p.add_argument(
+        "--hang-after-s", type=float, default=None, help="health hangs after this long (wedged)"
+    )
     p.add_argument("--crash-after-s", type=float, default=None, help="exit 7 after this long")
     p.add_argument("--crash-on-request", action="store_true", help="die mid-request")
     p.add_argument("--request-s", type=float, default=0.0, help="each request takes this long")
@@ -94,6 +97,7 @@ def main() -> int:
 
         threading.Timer(args.crash_after_s, crash).start()
 
+    wedge_at = time.monotonic() + (args.hang_after_s or 0.0)
     state = {"requests": 0}
     lock = threading.Lock()
 
@@ -113,7 +117,8 @@ def main() -> int:
 
         def do_GET(self) -> None:
             if self.path in ("/v1/models", "/health"):
-                if args.hang_health:
+                wedged = args.hang_after_s is not None and time.monotonic() > wedge_at
+                if args.hang_health or wedged:
                     time.sleep(3600)
                 self._json(200, {"object": "list", "data": [{"id": args.name, "object": "model"}]})
             elif self.path == "/stats":

@@ -340,6 +340,23 @@ async def test_crash_mid_request_fails_that_request_only(
         assert again.cold
 
 
+async def test_a_wedged_idle_runner_fails_its_ping_and_is_replaced(
+    sched_factory: Any, tmp_path: Path
+) -> None:
+    s = await sched_factory(
+        [fake_model("wedge", tmp_path, 100 * MIB, "--hang-after-s", "0.5")], ping_timeout_s=0.5
+    )
+    first = await s.load("wedge")
+    await asyncio.sleep(1.2)  # idle for over a second: the next request pings it first
+    start = time.monotonic()
+    async with s.session("wedge") as lease:
+        assert lease.cold, "the wedged runner was replaced by a fresh one"
+        assert pid_of(lease) != pid_of(first)
+        assert await chat(lease) == "reply from wedge"
+    assert time.monotonic() - start < 5
+    await eventually(lambda: not alive(pid_of(first)), what="the wedged runner killed")
+
+
 async def test_crash_while_idle_is_noticed_at_once(sched_factory: Any, tmp_path: Path) -> None:
     s = await sched_factory([fake_model("c", tmp_path, 100 * MIB, "--crash-after-s", "0.5")])
     lease = await s.load("c")
