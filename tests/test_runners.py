@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
 import time
@@ -215,3 +216,26 @@ async def test_a_missing_program_is_a_runner_error() -> None:
     r = CommandRunner(spec(extra={"command": ["/nonexistent/server", "{port}"]}))
     with pytest.raises(RunnerError, match="cannot start the command runner for 'm'"):
         await r.start()
+
+
+@pytest.mark.timeout(30)
+async def test_runners_die_with_the_process_that_started_them(tmp_path: Path) -> None:
+    # A server killed without a chance to stop its runners must not leave them holding memory.
+    script = f"""
+import asyncio, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_runners import fake
+async def main():
+    r = fake()
+    await r.start()
+    await r.wait_ready(10)
+    print(r.pid, flush=True)
+    os._exit(1)  # no stop(), no clean-up: as if SIGKILLed
+asyncio.run(main())
+"""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    runner_pid = int(out.split()[-1])
+    await eventually(lambda: not alive(runner_pid), 5, "the orphaned runner to die")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import logging
 import os
 import re
 import signal
 import socket
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -162,6 +164,7 @@ class Runner(ABC):
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.environment(),
                 start_new_session=True,  # its own group: stop() signals every child too
+                preexec_fn=_die_with_parent if _PRCTL is not None else None,
             )
         except OSError as err:
             await self.client.aclose()
@@ -379,6 +382,18 @@ class Runner(ABC):
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._pgid, sig)
+
+
+# prctl, looked up before any fork: the child may only make a plain C call between fork and exec.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the process that started it dies, so a crashed
+    or killed server never leaves a runner holding memory with nobody to stop it."""
+    assert _PRCTL is not None
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
 def _group_has_live_members(pgid: int) -> bool:
