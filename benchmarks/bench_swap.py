@@ -63,11 +63,13 @@ async def direct(scheduler: Scheduler) -> tuple[float, float]:
     )
     runner = LlamaCppPythonRunner(spec)
     t0 = time.monotonic()
-    await runner.start()
-    await runner.wait_ready(300)
-    ready = time.monotonic()
-    fb = await first_byte(runner.client)
-    await runner.stop()
+    try:
+        await runner.start()
+        await runner.wait_ready(300)
+        ready = time.monotonic()
+        fb = await first_byte(runner.client)
+    finally:
+        await runner.stop()
     return ready - t0, fb - t0
 
 
