@@ -13,6 +13,7 @@ import pytest
 
 from residency.config import ModelConfig, load_settings
 from residency.embedded import default_model_path
+from residency.estimate import estimate
 from residency.scheduler import Lease, Scheduler
 from scheduler_helpers import alive, eventually
 
@@ -20,9 +21,8 @@ pytest.importorskip("llama_cpp.server", reason="needs the llama extra (llama-cpp
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 MIB = 1024 * 1024
-#: Each entry's reservation before the runner reports its real usage (about 1 GiB for Gemma 3
-#: 270M on the CPU, most of it llama.cpp's logits buffers): two never fit in the 1.5 GiB budget.
-RESERVE = 900 * MIB
+#: Gemma 3 270M takes about 1 GiB on the CPU (most of it llama.cpp's logits buffers); the estimate
+#: is in the same range. One fits in the budget, two never do.
 BUDGET = 1536 * MIB
 
 
@@ -44,8 +44,8 @@ def _pid(lease: Lease) -> int:
 async def test_swap_two_real_models_through_the_budget(tmp_path: Path) -> None:
     gguf = default_model_path()
     models = [
-        ModelConfig(name="gemma-a", path=gguf, ctx=512, memory=RESERVE),
-        ModelConfig(name="gemma-b", path=gguf, ctx=1024, memory=RESERVE),
+        ModelConfig(name="gemma-a", path=gguf, ctx=512),
+        ModelConfig(name="gemma-b", path=gguf, ctx=1024),
     ]
     settings: Any = load_settings(models=models, memory_limit=BUDGET, stop_timeout_s=10)
     async with Scheduler(settings) as s:
@@ -59,6 +59,10 @@ async def test_swap_two_real_models_through_the_budget(tmp_path: Path) -> None:
             report = sum(buffers.values())
         [row] = s.resident()
         assert row.name == "gemma-a"
+        # Reserved from the estimator's prediction until the runner reported its own numbers.
+        expected = estimate(gguf, ctx=512, parallel=1, kv_type="f16", embeddings=True)
+        assert row.estimated_bytes == expected.total_bytes
+        assert 400 * MIB < row.estimated_bytes < BUDGET
         assert row.context_length == 512
         # The runner's own report (llama.cpp's buffer lines) replaces the estimate.
         assert row.measured_bytes == report

@@ -553,12 +553,13 @@ class Scheduler:
             inst.last_used_ns = now
             stop_ms, memory_ms, start_ms = ((b - a) * 1e3 for a, b in itertools.pairwise(phases))
             log.info(
-                "loaded %s on %s in %.2f s (stop victims %.0f ms, memory %.0f ms, start %.0f ms; "
+                "loaded %s on %s in %.2f s (stop %d victims %s, memory %.0f ms, start %.0f ms; "
                 "%s measured, %s estimated)",
                 inst.key,
                 inst.device,
                 load_s,
-                stop_ms,
+                len(stops),
+                "alongside the start" if overlap else f"{stop_ms:.0f} ms",
                 memory_ms,
                 start_ms,
                 _gib(measured) if measured else "none",
