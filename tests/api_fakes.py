@@ -55,6 +55,7 @@ class FakeLease:
     queue_duration_ns: int
 
     runner: FakeRunner | None = None
+    base_url: str = "http://runner"
 
     def output_tail(self) -> str:
         return "\n".join(self.runner.output if self.runner else ["fake runner: last words"])

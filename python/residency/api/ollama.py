@@ -39,7 +39,7 @@ from residency.api.schemas import (
     GenerateRequest,
     ShowRequest,
 )
-from residency.api.state import ApiState, State, body_schema, check_keep_alive
+from residency.api.state import ApiState, State, api_state, body_schema, check_keep_alive
 from residency.api.translate import (
     Generation,
     chat_body,
@@ -63,8 +63,9 @@ _FOREVER_NS = 2**63 - 1
 
 
 @router.post("/api/generate", openapi_extra=body_schema(GenerateRequest))
-async def generate(request: Request, state: State) -> Response:
+async def generate(request: Request) -> Response:
     """Completes a prompt (templated as a chat turn unless ``raw``)."""
+    state = api_state(request)
     rec = state.record("ollama", "/api/generate")
     try:
         req = GenerateRequest.model_validate_json(await read_body(request))
@@ -78,8 +79,9 @@ async def generate(request: Request, state: State) -> Response:
 
 
 @router.post("/api/chat", openapi_extra=body_schema(ChatRequest))
-async def chat(request: Request, state: State) -> Response:
+async def chat(request: Request) -> Response:
     """The next assistant message of a conversation."""
+    state = api_state(request)
     rec = state.record("ollama", "/api/chat")
     try:
         req = ChatRequest.model_validate_json(await read_body(request))
@@ -255,8 +257,9 @@ def _final(
 
 
 @router.post("/api/embed", openapi_extra=body_schema(EmbedRequest))
-async def embed(request: Request, state: State) -> Response:
+async def embed(request: Request) -> Response:
     """Embeddings for one text or many, L2-normalised as Ollama returns them."""
+    state = api_state(request)
     rec = state.record("ollama", "/api/embed")
     try:
         req = EmbedRequest.model_validate_json(await read_body(request))
@@ -295,8 +298,9 @@ async def embed(request: Request, state: State) -> Response:
 
 
 @router.post("/api/embeddings", openapi_extra=body_schema(EmbeddingsRequest))
-async def embeddings(request: Request, state: State) -> Response:
+async def embeddings(request: Request) -> Response:
     """The legacy single-text endpoint: ``{"embedding": [...]}``, not normalised."""
+    state = api_state(request)
     rec = state.record("ollama", "/api/embeddings")
     try:
         req = EmbeddingsRequest.model_validate_json(await read_body(request))
@@ -426,8 +430,9 @@ async def tags(state: State) -> Response:
 
 
 @router.post("/api/show", openapi_extra=body_schema(ShowRequest))
-async def show(request: Request, state: State) -> Response:
+async def show(request: Request) -> Response:
     """A model's details, GGUF metadata (``model_info``), template and parameters."""
+    state = api_state(request)
     req = ShowRequest.model_validate_json(await read_body(request))
     entry = state.scheduler.resolve(req.model_name)
     info: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from residency.api.schemas import (
     OpenAIEmbeddingRequest,
     _OpenAIBase,
 )
-from residency.api.state import ApiState, State, body_schema, check_keep_alive
+from residency.api.state import ApiState, State, api_state, body_schema, check_keep_alive
 from residency.api.translate import pooled
 
 __all__ = ["router"]
@@ -47,7 +47,8 @@ _DONE = b"data: [DONE]\n\n"
 
 
 @router.post("/chat/completions", openapi_extra=body_schema(OpenAIChatRequest))
-async def chat_completions(request: Request, state: State) -> Response:
+async def chat_completions(request: Request) -> Response:
+    state = api_state(request)
     rec = state.record("openai", "/v1/chat/completions")
     try:
         req = OpenAIChatRequest.model_validate_json(await read_body(request))
@@ -61,7 +62,8 @@ async def chat_completions(request: Request, state: State) -> Response:
 
 
 @router.post("/completions", openapi_extra=body_schema(OpenAICompletionRequest))
-async def completions(request: Request, state: State) -> Response:
+async def completions(request: Request) -> Response:
+    state = api_state(request)
     rec = state.record("openai", "/v1/completions")
     try:
         req = OpenAICompletionRequest.model_validate_json(await read_body(request))
@@ -75,7 +77,8 @@ async def completions(request: Request, state: State) -> Response:
 
 
 @router.post("/embeddings", openapi_extra=body_schema(OpenAIEmbeddingRequest))
-async def embeddings(request: Request, state: State) -> Response:
+async def embeddings(request: Request) -> Response:
+    state = api_state(request)
     rec = state.record("openai", "/v1/embeddings")
     try:
         req = OpenAIEmbeddingRequest.model_validate_json(await read_body(request))

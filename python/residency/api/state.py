@@ -14,7 +14,7 @@ from residency.api.metrics import Metrics, RequestRecord
 from residency.config import Settings
 from residency.keepalive import parse_keep_alive
 
-__all__ = ["ApiState", "State", "body_schema", "check_keep_alive"]
+__all__ = ["ApiState", "State", "api_state", "body_schema", "check_keep_alive"]
 
 
 @dataclass
@@ -27,9 +27,16 @@ class ApiState:
         return RequestRecord(self.metrics, api, endpoint)
 
 
-def _state(request: Request) -> ApiState:
+def api_state(request: Request) -> ApiState:
+    """The state, read directly: the generation routes skip dependency injection (it costs more
+    than the rest of their own work on a slow core)."""
     state: ApiState = request.app.state.residency
     return state
+
+
+async def _state(request: Request) -> ApiState:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a handoff per request.
+    return api_state(request)
 
 
 State = Annotated[ApiState, Depends(_state)]
