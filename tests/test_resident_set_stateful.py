@@ -95,7 +95,8 @@ class ResidentSetMachine(RuleBasedStateMachine):
             # Adaptive keep-alive chooses its own window for a positive keep-alive: the configured
             # one until it has learnt enough, then one within its bound; never zero, never forever.
             r = self.rs.reservation(key)
-            assert r is not None and r.expires_at is not None
+            assert r is not None
+            assert r.expires_at is not None
             assert self.now < r.expires_at <= self.now + max(m.keep_alive, ADAPTIVE_MAX_KEEP_ALIVE)
             m.expires_at = r.expires_at
 
