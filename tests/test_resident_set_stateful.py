@@ -43,6 +43,8 @@ LOADING, READY, UNLOADING = (
     ReservationState.UNLOADING,
 )
 NEVER = None
+# AdaptiveKeepAliveOptions::max_keep_alive: the longest window an adaptive policy may choose.
+ADAPTIVE_MAX_KEEP_ALIVE = 30 * 60 * S
 
 
 @dataclass
@@ -83,8 +85,20 @@ class ResidentSetMachine(RuleBasedStateMachine):
     def count(self, device: str) -> int:
         return sum(1 for m in self.models.values() if m.device == device and m.state != UNLOADING)
 
-    def start_keep_alive(self, m: Model) -> None:
-        m.expires_at = NEVER if (m.pinned or m.keep_alive < 0) else self.now + m.keep_alive
+    def start_keep_alive(self, key: str) -> None:
+        m = self.models[key]
+        if m.pinned or m.keep_alive < 0:
+            m.expires_at = NEVER
+        elif m.keep_alive == 0 or not self.policy.endswith("+adaptive"):
+            m.expires_at = self.now + m.keep_alive
+        else:
+            # Adaptive keep-alive chooses its own window for a positive keep-alive: the configured
+            # one until it has learnt enough, then one within its bound; never zero, never forever.
+            r = self.rs.reservation(key)
+            assert r is not None
+            assert r.expires_at is not None
+            assert self.now < r.expires_at <= self.now + max(m.keep_alive, ADAPTIVE_MAX_KEEP_ALIVE)
+            m.expires_at = r.expires_at
 
     def tick(self, dt: int) -> None:
         self.now += dt
@@ -160,7 +174,7 @@ class ResidentSetMachine(RuleBasedStateMachine):
             m.bytes = measured
         m.state = READY
         if m.refcount == 0:
-            self.start_keep_alive(m)
+            self.start_keep_alive(key)
 
     @precondition(lambda self: self.keys_in(LOADING, READY))
     @rule(data=st.data())
@@ -185,7 +199,7 @@ class ResidentSetMachine(RuleBasedStateMachine):
         if keep_alive is not None:
             m.keep_alive = keep_alive
         if m.refcount == 0 and m.state == READY:
-            self.start_keep_alive(m)
+            self.start_keep_alive(key)
 
     @rule()
     def expire(self) -> None:
@@ -243,7 +257,7 @@ class ResidentSetMachine(RuleBasedStateMachine):
         m = self.models[key]
         m.pinned = pinned
         if m.state == READY and m.refcount == 0:
-            self.start_keep_alive(m)
+            self.start_keep_alive(key)
 
     @rule(key=st.sampled_from(KEYS))
     def misuse_is_refused_without_change(self, key: str) -> None:

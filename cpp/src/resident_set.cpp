@@ -97,10 +97,18 @@ DeviceUsage ResidentSet::usage_locked(const DeviceState& d) const {
 }
 
 void ResidentSet::start_keep_alive_locked(Reservation& r, Nanos now) const {
-  r.expires_at = (r.pinned || r.keep_alive < 0) ? kNever : saturating_add(now, r.keep_alive);
+  if (r.pinned || r.keep_alive < 0) {
+    r.expires_at = kNever;
+  } else if (r.keep_alive == 0) {
+    r.expires_at = now;  // an explicit 0 is honoured exactly, whatever the policy
+  } else {
+    // The policy may adapt a positive keep-alive to what it has learnt of this model.
+    const Nanos window = policy_->keep_alive_for(r, now);
+    r.expires_at = window < 0 ? kNever : saturating_add(now, window);
+  }
 }
 
-void ResidentSet::move_to_unloading_locked(Slot& slot) {
+void ResidentSet::move_to_unloading_locked(Slot& slot, bool evicted) {
   Reservation& r = slot.r;
   DeviceState& d = devices_[slot.device];
   d.reserved -= r.bytes;
@@ -108,7 +116,11 @@ void ResidentSet::move_to_unloading_locked(Slot& slot) {
   --d.models;
   r.state = ReservationState::Unloading;
   r.expires_at = kNever;
-  policy_->on_evicted(r, *slot.stats);
+  if (evicted) {
+    policy_->on_evicted(r, *slot.stats);
+  } else {
+    policy_->on_unloaded(r, *slot.stats);
+  }
 }
 
 AdmitDecision ResidentSet::admit(const std::string& key, std::uint64_t bytes_needed, Nanos now,
@@ -177,7 +189,7 @@ AdmitDecision ResidentSet::admit(const std::string& key, std::uint64_t bytes_nee
 
   if (target) {
     DeviceState& d = devices_[*target];
-    for (const auto& v : victims) move_to_unloading_locked(reservations_.at(v));
+    for (const auto& v : victims) move_to_unloading_locked(reservations_.at(v), true);
     Slot slot{Reservation{}, *target, &stats_[key]};
     Reservation& r = slot.r;
     r.key = key;
@@ -270,11 +282,13 @@ void ResidentSet::acquire(const std::string& key, Nanos now) {
 
 void ResidentSet::release(const std::string& key, Nanos now, std::optional<Nanos> keep_alive) {
   std::lock_guard lock(mutex_);
-  Reservation& r = find_locked(key).r;
+  Slot& slot = find_locked(key);
+  Reservation& r = slot.r;
   if (r.refcount == 0) throw NotAcquired("model '" + key + "' released more often than acquired");
   --r.refcount;
   r.last_used = now;
   if (keep_alive) r.keep_alive = *keep_alive;
+  if (r.refcount == 0) policy_->on_idle(r, *slot.stats, now);
   if (r.refcount == 0 && r.state == ReservationState::Ready) start_keep_alive_locked(r, now);
 }
 
@@ -321,7 +335,7 @@ std::uint64_t ResidentSet::begin_unload(const std::string& key, bool force) {
   }
   // A forced unload means the runner is gone: the references held on it die with it.
   r.refcount = 0;
-  move_to_unloading_locked(slot);
+  move_to_unloading_locked(slot, false);
   return r.bytes;
 }
 

@@ -82,7 +82,8 @@ class ResidentSet {
   void add_device_locked(const DeviceSpec& spec);
   [[nodiscard]] DeviceUsage usage_locked(const DeviceState& d) const;
   void start_keep_alive_locked(Reservation& r, Nanos now) const;
-  void move_to_unloading_locked(Slot& slot);
+  /// `evicted`: chosen as a victim by admit (else expired or unloaded by the caller).
+  void move_to_unloading_locked(Slot& slot, bool evicted);
 
   /// Guards every field below.
   mutable std::mutex mutex_;

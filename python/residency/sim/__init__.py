@@ -1,0 +1,21 @@
+"""Trace-driven simulation of residency's scheduling on the real C++ core, with a virtual clock.
+
+``make_trace`` builds a seeded synthetic workload; ``simulate`` replays it against a
+:class:`residency.ResidentSet` and reports cold loads, load seconds, time to first token and idle
+memory, so eviction and keep-alive policies can be compared by measurement.
+"""
+
+from __future__ import annotations
+
+from residency.sim.simulator import SimConfig, SimResult, simulate
+from residency.sim.trace import ModelSpec, Trace, TraceConfig, make_trace
+
+__all__ = [
+    "ModelSpec",
+    "SimConfig",
+    "SimResult",
+    "Trace",
+    "TraceConfig",
+    "make_trace",
+    "simulate",
+]
