@@ -147,6 +147,7 @@ def _serve_settings(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> Any:
         return 0
 
     monkeypatch.setattr(server, "serve", fake_serve)
+    monkeypatch.setattr(server, "_configure_logging", lambda level: None)  # leave pytest's alone
     assert cli.main(["serve", *argv]) == 0
     return seen["settings"]
 
@@ -175,6 +176,9 @@ def test_serve_reads_the_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_serve_reports_a_bad_config(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from residency import server
+
+    monkeypatch.setattr(server, "_configure_logging", lambda level: None)
     config = tmp_path / "bad.toml"
     config.write_text("port = 'eleven'\n")
     assert cli.main(["serve", "--config", str(config)]) == 2
