@@ -357,6 +357,28 @@ async def test_a_wedged_idle_runner_fails_its_ping_and_is_replaced(
     await eventually(lambda: not alive(pid_of(first)), what="the wedged runner killed")
 
 
+async def test_a_busy_runner_is_not_pinged_nor_killed(sched_factory: Any, tmp_path: Path) -> None:
+    # Its health endpoint stops answering after 0.5 s (as a runner saturated by generation may):
+    # with a request in flight it is in use, so a new request must join it, not ping and kill it.
+    s = await sched_factory(
+        [fake_model("busy", tmp_path, 100 * MIB, "--hang-after-s", "0.5", "--request-s", "2")],
+        ping_timeout_s=0.5,
+    )
+    first = await s.load("busy")
+
+    async def long_request() -> str:
+        async with s.session("busy") as lease:
+            return await chat(lease)
+
+    running = asyncio.create_task(long_request())
+    await asyncio.sleep(1.2)
+    async with s.session("busy") as lease:
+        assert not lease.cold
+        assert pid_of(lease) == pid_of(first)
+        assert await chat(lease) == "reply from busy"
+    assert await running == "reply from busy"
+
+
 async def test_crash_while_idle_is_noticed_at_once(sched_factory: Any, tmp_path: Path) -> None:
     s = await sched_factory([fake_model("c", tmp_path, 100 * MIB, "--crash-after-s", "0.5")])
     lease = await s.load("c")

@@ -398,9 +398,14 @@ class Scheduler:
     async def _healthy(self, inst: _Instance) -> bool:
         """Ping a runner that sat idle before handing it out (it may have hung meanwhile)."""
         assert inst.runner is not None
+        r = self.core.reservation(inst.key)
         if inst.runner.exited:
             ok = False
         elif self._clock.now_ns() - inst.last_used_ns < 1_000_000_000:
+            return True
+        elif r is None or r.refcount > 1:
+            # Other requests are in flight: it is in use, not idle. A busy runner may answer
+            # slowly, and killing it would fail the requests it is serving.
             return True
         else:
             try:
