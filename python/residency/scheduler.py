@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -46,8 +45,10 @@ from residency.errors import (
     ServerBusyError,
 )
 from residency.keepalive import parse_keep_alive
+from residency.memory import DeviceInfo, MemoryProbe, discover_devices, open_probe
 from residency.registry import ModelEntry, Registry
 from residency.runners import LaunchSpec, Runner, runner_class
+from residency.watcher import RecoveryOutcome, Watcher
 
 __all__ = [
     "Clock",
@@ -183,8 +184,8 @@ class Scheduler:
         self._clock: Clock = clock or MonotonicClock()
         self._registry = Registry.from_settings(settings)
         self._core: ResidentSet | None = None
-        self._probe: Any = None
-        self._watcher: Any = None
+        self._probe: MemoryProbe | None = None
+        self._watcher: Watcher | None = None
         self._device_index: dict[str, int] = {}
         self._instances: dict[str, _Instance] = {}
         #: Estimated bytes per (model, options): estimating reads the GGUF, once.
@@ -208,7 +209,8 @@ class Scheduler:
             raise InvalidStateError("the scheduler was stopped; create a new one")
         self._started = True
         self._core = ResidentSet(self._discover_devices(), self.settings.policy)
-        self._watcher = _open_watcher()
+        self._watcher = Watcher()
+        self._watcher.start()
         self._timer = asyncio.create_task(self._keep_alive_loop(), name="residency-keep-alive")
         for name in self.settings.preload:
             self._spawn(self._preload(name), f"preload-{name}")
@@ -571,6 +573,7 @@ class Scheduler:
                 _gib(needed),
             )
             inst.ready.set()
+            self._notify()  # waiters for a reload or a Wait may proceed now
             if inst.unload_when_idle:
                 r = core.reservation(inst.key)
                 if r is not None and r.refcount == 0:
@@ -681,7 +684,7 @@ class Scheduler:
     # ---- memory --------------------------------------------------------------------------------
     def _discover_devices(self) -> list[Device]:
         s = self.settings
-        infos = _discover(s)
+        self._probe, infos = _discover(s)
         devices = []
         for info in infos:
             total = (
@@ -692,7 +695,6 @@ class Scheduler:
             overhead = 0 if info.id == HOST_DEVICE else min(s.gpu_overhead, total)
             devices.append(Device(info.id, total, overhead, s.max_loaded_models))
             self._device_index[info.id] = info.index
-        self._probe = infos[0].probe if infos else None
         log.info("devices: %s", ", ".join(f"{d.id} ({_gib(d.total_bytes)})" for d in devices))
         return devices
 
@@ -726,16 +728,16 @@ class Scheduler:
             needed=needed,
             timeout_s=self.settings.recovery_timeout_s,
         )
-        outcome = result.outcome.name
+        outcome = result.outcome
         log.info(
             "recovery on %s: %s after %.3f s (%d polls, %s free)",
             inst.device,
-            outcome,
+            outcome.name,
             result.elapsed_s,
             result.polls,
             _gib(result.last_free_bytes),
         )
-        if outcome != "RECOVERED" and inst.device == HOST_DEVICE:
+        if outcome != RecoveryOutcome.RECOVERED and inst.device == HOST_DEVICE:
             last = result.last_free_bytes
             if last < needed:
                 # Ollama never checks CPU loads; starting one the host cannot hold invites the OOM
@@ -932,38 +934,13 @@ class Scheduler:
 
 
 # ---- helpers over the parts other modules provide --------------------------------------------
-@dataclass
-class _DeviceFound:
-    id: str
-    index: int
-    total_bytes: int
-    probe: Any
-
-
-def _discover(settings: Settings) -> list[_DeviceFound]:
-    """Devices from residency.memory (simulated when settings.simulated_device is set)."""
-    try:
-        from residency import memory
-    except ImportError:  # the probes are not built: the host, without a probe
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return [_DeviceFound(HOST_DEVICE, 0, total, None)]
+def _discover(settings: Settings) -> tuple[MemoryProbe, list[DeviceInfo]]:
+    """Devices from residency.memory (the simulated GPU when settings.simulated_device is set)."""
     if settings.simulated_device is not None:
-        probe = memory.open_probe("simulated", simulated_path=settings.simulated_device)
+        probe = open_probe("simulated", simulated_path=settings.simulated_device)
     else:
-        probe = memory.open_probe(settings.probe)
-    return [
-        _DeviceFound(d.id, d.index, d.total_bytes, probe) for d in memory.discover_devices(probe)
-    ]
-
-
-def _open_watcher() -> Any:
-    try:
-        from residency.watcher import Watcher
-    except ImportError:
-        return None
-    watcher = Watcher()
-    watcher.start()
-    return watcher
+        probe = open_probe(settings.probe)
+    return probe, discover_devices(probe)
 
 
 def _estimate(entry: ModelEntry, **options: Any) -> Any:
