@@ -86,3 +86,25 @@ async def test_swap_two_real_models_through_the_budget(tmp_path: Path) -> None:
         # keep_alive 0: unloaded as soon as the request ended.
         await eventually(lambda: not alive(pid_a2) and s.resident() == [], 15, "unload")
         assert s.core.devices()[0].reserved_bytes == 0
+
+
+async def test_too_large_for_the_gpu_loads_partially_offloaded(tmp_path: Path) -> None:
+    from residency.estimate import fit_layers
+    from residency.memory import SimulatedDevice
+
+    # A (simulated) GPU smaller than the model: the estimator's layer fit decides how many layers
+    # go to it; the rest stay on the host.
+    sim = tmp_path / "gpu.sim"
+    SimulatedDevice.create(sim, 1024 * MIB)
+    gguf = default_model_path()
+    settings: Any = load_settings(
+        models=[ModelConfig(name="g", path=gguf, ctx=512)], simulated_device=sim, gpu_overhead=0
+    )
+    fit = fit_layers(gguf, 1024 * MIB, ctx=512, parallel=1, kv_type="f16", embeddings=True)
+    assert fit.layers > 0
+    async with Scheduler(settings) as s:
+        async with s.session("g") as lease:
+            assert await _generate(lease)
+        [row] = s.resident()
+        assert row.estimated_bytes == fit.gpu_bytes
+        assert row.device == "sim:0"

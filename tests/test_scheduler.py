@@ -441,3 +441,14 @@ async def test_stop_leaves_no_process_behind(tmp_path: Path) -> None:
     for pgid in pgids:
         assert group_members(pgid) == [], f"process group {pgid} survived"
     assert os.getpgid(0) != pgids[0]
+
+
+async def test_max_loaded_models_per_device(sched_factory: Any, tmp_path: Path) -> None:
+    s = await sched_factory(
+        [fake_model("a", tmp_path, 10 * MIB), fake_model("b", tmp_path, 10 * MIB)],
+        max_loaded_models=1,
+    )
+    a = await s.load("a")
+    await s.load("b")  # plenty of memory, but one model per device: a goes
+    assert not alive(pid_of(a))
+    assert [r.name for r in s.resident()] == ["b"]

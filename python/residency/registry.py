@@ -158,7 +158,8 @@ def gguf_details(path: Path) -> dict[str, Any]:
         log.warning("cannot read %s: %s", path, err)
         return {"format": "unknown"}
     except ValueError as err:  # not GGUF, or a corrupt header: the registry still lists it
-        log.warning("cannot read the GGUF header of %s: %s", path, err)
+        if str(err) != _NOT_GGUF:  # other formats are fine for `command` runners
+            log.warning("cannot read the GGUF header of %s: %s", path, err)
         return {"format": "unknown"}
     kv, n_params = header
     arch = kv.get("general.architecture")
@@ -186,6 +187,7 @@ def gguf_details(path: Path) -> dict[str, Any]:
 
 
 # GGUF value types (gguf.GGUFValueType): struct formats of the scalars; 8 = string, 9 = array.
+_NOT_GGUF = "not a GGUF file"
 _SCALARS = {
     0: "<B",
     1: "<b",
@@ -212,7 +214,7 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
     """
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         if m[:4] != b"GGUF":
-            raise ValueError("not a GGUF file")
+            raise ValueError(_NOT_GGUF)
         try:
             return _walk_header(m)
         except (struct.error, IndexError, UnicodeDecodeError, KeyError) as err:
