@@ -60,8 +60,13 @@ async def test_swap_two_real_models_through_the_budget(tmp_path: Path) -> None:
         [row] = s.resident()
         assert row.name == "gemma-a"
         # Reserved from the estimator's prediction until the runner reported its own numbers.
-        expected = estimate(gguf, ctx=512, parallel=1, kv_type="f16", embeddings=True)
+        # (llama-cpp-python with --embedding: 256 sequences over one unified cache, n_batch 512.)
+        expected = estimate(
+            gguf, ctx=512, parallel=256, kv_unified=True, swa_full=True, embeddings=True, batch=512
+        )
         assert row.estimated_bytes == expected.total_bytes
+        # ... and that prediction is what the real runner allocated, within the estimator's target.
+        assert abs(row.estimated_bytes - report) <= max(0.05 * report, 16 * MIB)
         assert 400 * MIB < row.estimated_bytes < BUDGET
         assert row.context_length == 512
         # The runner's own report (llama.cpp's buffer lines) replaces the estimate.

@@ -32,7 +32,6 @@ def test_wheel_imports_in_a_clean_virtualenv(tmp_path: Path) -> None:
             "wheel",
             str(ROOT),
             "--no-deps",
-            "--no-build-isolation",
             "-w",
             str(wheels),
             f"-Cbuild-dir={tmp_path / 'build'}",

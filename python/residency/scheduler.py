@@ -830,8 +830,20 @@ class Scheduler:
                 "embeddings": embedding,
                 "swa_full": False,
             }
-        # llama-cpp-python serves one sequence at a time.
-        return {"ctx": want.ctx, "parallel": 1, "kv_type": want.kv_type, "embeddings": embedding}
+        # llama-cpp-python: n_batch 512 and llama.cpp's full-size sliding-window cache. With
+        # --embedding it also sets n_seq_max = min(n_batch, 256) over one unified KV cache, which
+        # grows the output buffer by ~256 MiB (measured by the estimator's llama.cpp comparison).
+        opts: dict[str, Any] = {
+            "ctx": want.ctx,
+            "parallel": 1,
+            "kv_type": want.kv_type,
+            "embeddings": embedding,
+            "batch": 512,
+            "swa_full": True,
+        }
+        if embedding:
+            opts.update(parallel=256, kv_unified=True)
+        return opts
 
     def _has_gpu(self) -> bool:
         return any(d.id != HOST_DEVICE for d in self.core.devices())
