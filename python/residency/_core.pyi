@@ -1,4 +1,4 @@
-"""Type stubs for residency's C++ core (checked against the module by mypy.stubtest in the tests)."""
+"""Type stubs for residency's C++ core (checked against the module by mypy.stubtest)."""
 
 import enum
 import os
