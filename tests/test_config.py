@@ -253,5 +253,5 @@ def test_gguf_header_reader_against_the_gguf_writer(tmp_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:200])
     assert gguf_details(cut) == {"format": "unknown"}
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="truncated"):
         read_gguf_header(cut)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import mmap
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +17,7 @@ from typing import Any
 from residency.config import ModelConfig, Settings
 from residency.embedded import DEFAULT_MODEL_NAME, default_model_path
 from residency.errors import ConfigError, ModelNotFoundError
+from residency.gguf_header import read_header
 
 __all__ = ["ModelEntry", "Registry", "gguf_details"]
 
@@ -158,7 +156,7 @@ def gguf_details(path: Path) -> dict[str, Any]:
         log.warning("cannot read %s: %s", path, err)
         return {"format": "unknown"}
     except ValueError as err:  # not GGUF, or a corrupt header: the registry still lists it
-        if str(err) != _NOT_GGUF:  # other formats are fine for `command` runners
+        if "is not a GGUF file" not in str(err):  # other formats are fine for `command` runners
             log.warning("cannot read the GGUF header of %s: %s", path, err)
         return {"format": "unknown"}
     kv, n_params = header
@@ -186,85 +184,15 @@ def gguf_details(path: Path) -> dict[str, Any]:
     return details
 
 
-# GGUF value types (gguf.GGUFValueType): struct formats of the scalars; 8 = string, 9 = array.
-_NOT_GGUF = "not a GGUF file"
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-_STRING, _ARRAY = 8, 9
-
-
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The scalar and string metadata of a GGUF file (arrays are skipped, their keys kept with
-    value None) and its parameter count from the tensor table.
+    """The metadata of a GGUF file (arrays skipped, their keys kept) and its parameter count.
 
     gguf.GGUFReader parses every array into numpy objects: 20 s of CPU for Gemma 3's 262k-token
-    vocabulary. The registry needs a dozen keys, so it walks the header itself, in milliseconds.
-    Raises ValueError for a file that is not GGUF or whose header is cut short.
+    vocabulary; residency.gguf_header walks the header in milliseconds. Raises ValueError
+    (GGUFFormatError) for a file that is not GGUF or whose header is cut short.
     """
-    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != b"GGUF":
-            raise ValueError(_NOT_GGUF)
-        try:
-            return _walk_header(m)
-        except (struct.error, IndexError, UnicodeDecodeError, KeyError) as err:
-            raise ValueError(f"truncated or corrupt GGUF header ({err})") from None
-
-
-def _walk_header(m: mmap.mmap) -> tuple[dict[str, Any], int]:
-    (version,) = struct.unpack_from("<I", m, 4)
-    if version == 1:
-        raise ValueError("GGUF version 1 is not supported")
-    n_tensors, n_kv = struct.unpack_from("<QQ", m, 8)
-    pos = 24
-
-    def string(at: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", m, at)
-        return bytes(m[at + 8 : at + 8 + n]).decode("utf-8"), at + 8 + n
-
-    def skip(vtype: int, at: int) -> int:
-        if vtype == _STRING:
-            n: int = struct.unpack_from("<Q", m, at)[0]
-            return at + 8 + n
-        return at + struct.calcsize(_SCALARS[vtype])
-
-    kv: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (vtype,) = struct.unpack_from("<I", m, pos)
-        pos += 4
-        if vtype == _ARRAY:
-            etype, count = struct.unpack_from("<IQ", m, pos)
-            pos += 12
-            if etype in _SCALARS:
-                pos += count * struct.calcsize(_SCALARS[etype])
-            else:
-                for _ in range(count):
-                    pos = skip(etype, pos)
-            kv[key] = None
-        elif vtype == _STRING:
-            kv[key], pos = string(pos)
-        else:
-            (kv[key],) = struct.unpack_from(_SCALARS[vtype], m, pos)
-            pos = skip(vtype, pos)
-    n_params = 0
-    for _ in range(n_tensors):
-        _, pos = string(pos)
-        (n_dims,) = struct.unpack_from("<I", m, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
-        pos += 4 + 8 * n_dims + 4 + 8  # dims, type, offset
-        n_params += math.prod(dims)
-    return kv, n_params
+    header = read_header(path)
+    return header.metadata, header.parameter_count
 
 
 def _human_params(n: int) -> str:

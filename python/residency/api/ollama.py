@@ -21,7 +21,6 @@ from starlette.responses import PlainTextResponse, Response
 from residency import __version__
 from residency.api._types import EntryLike, LeaseLike, ResidentLike
 from residency.api.errors import ApiError, api_error
-from residency.api.gguf_header import read_header
 from residency.api.metrics import RequestRecord
 from residency.api.proxy import (
     LeasedStream,
@@ -48,6 +47,7 @@ from residency.api.translate import (
     rfc3339_now,
     split_options,
 )
+from residency.gguf_header import read_header
 
 __all__ = ["router"]
 

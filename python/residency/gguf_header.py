@@ -1,4 +1,5 @@
-"""A fast reader for a GGUF file's metadata (key/values and tensor shapes), for ``/api/show``.
+"""A fast reader for a GGUF file's metadata (key/values and tensor shapes), for the model registry
+and ``/api/show``.
 
 ``gguf.GGUFReader`` builds numpy views of every array element, which takes tens of seconds for a
 262k-token vocabulary on a busy machine; this reads the header with ``struct`` over an mmap and
