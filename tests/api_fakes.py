@@ -1,5 +1,6 @@
 """Test doubles for the HTTP facade: a scheduler that satisfies the contract, and a runner that
-speaks the OpenAI API through httpx.MockTransport (no process, no sockets).
+speaks the OpenAI API, served by uvicorn on a loopback port inside the test's event loop (no
+process; the facade reaches it with its real runner client over a real socket).
 
 Only the facade's unit tests use these; the end-to-end tests run the real scheduler and runner.
 """
@@ -7,7 +8,9 @@ Only the facade's unit tests use these; the end-to-end tests run the real schedu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 
 from residency.api import create_app
 from residency.config import Settings
 from residency.errors import ModelNotFoundError
+from residency.runners.http import RunnerClient
 
 RUNNER_MODEL = "runner-internal-name"
 
@@ -49,13 +54,16 @@ class FakeEntry:
 class FakeLease:
     model: str
     entry: FakeEntry
-    client: httpx.AsyncClient
+    client: RunnerClient
     cold: bool
     load_duration_ns: int
     queue_duration_ns: int
 
     runner: FakeRunner | None = None
-    base_url: str = "http://runner"
+
+    @property
+    def base_url(self) -> str:
+        return self.client.base_url
 
     def output_tail(self) -> str:
         return "\n".join(self.runner.output if self.runner else ["fake runner: last words"])
@@ -87,8 +95,8 @@ class FakeRunner:
     final_extra: Mapping[str, Any] = field(default_factory=dict)
     #: (status, body) to answer every request with, instead of a completion.
     error: tuple[int, Any] | None = None
-    #: Raise this transport error instead of answering.
-    transport_error: Exception | None = None
+    #: Refuse connections (nothing listens on the runner's port).
+    unreachable: bool = False
     #: Embeddings per token (llama-cpp-python with a model that has no pooling layer).
     per_token_embeddings: bool = False
     #: End the stream (without [DONE]) after this many tokens, printing this traceback line.
@@ -104,8 +112,6 @@ class FakeRunner:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         self.requests.append((request.url.path, body))
-        if self.transport_error is not None:
-            raise self.transport_error
         if self.error is not None:
             status, payload = self.error
             return httpx.Response(status, json=payload)
@@ -177,6 +183,87 @@ class FakeRunner:
         finally:
             self.closed_streams += 1
 
+    async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
+        """:meth:`handle` as an ASGI app. A client that goes away mid-stream stops the stream,
+        as sse-starlette (llama-cpp-python's) does."""
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = httpx.Request(
+            scope["method"],
+            "http://runner" + scope["path"],
+            content=body,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+        )
+        response = await self.handle(request)
+        headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding")
+        ]
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+
+        async def pump() -> None:
+            stream = response.stream
+            assert isinstance(stream, httpx.AsyncByteStream)
+            try:
+                async for chunk in stream:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                await stream.aclose()
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        pumping = asyncio.ensure_future(pump())
+        watching = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait((pumping, watching), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, watching):
+                task.cancel()
+            await asyncio.gather(pumping, watching, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def served_runner(runner: FakeRunner) -> AsyncIterator[RunnerClient]:
+    """`runner` on a loopback port (uvicorn, as llama-cpp-python), and a client for it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    if runner.unreachable:
+        sock.close()  # the port stays unbound: connections are refused
+        client = RunnerClient("127.0.0.1", port)
+        yield client
+        await client.aclose()
+        return
+    config = uvicorn.Config(
+        runner.asgi, lifespan="off", log_level="warning", loop="none", interface="asgi3"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.001)
+    client = RunnerClient("127.0.0.1", port)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        server.should_exit = True
+        await task
+        sock.close()
+
 
 def _chunk(chat: bool, token: str, finish: str | None) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
@@ -203,9 +290,8 @@ class FakeScheduler:
     def __init__(self, runner: FakeRunner, names: Sequence[str] = ("gemma3:270m",)) -> None:
         self.runner = runner
         self.entries = {n: FakeEntry(n) for n in names}
-        self.client = httpx.AsyncClient(
-            transport=httpx.MockTransport(runner.handle), base_url="http://runner"
-        )
+        self._served = served_runner(runner)
+        self.client: RunnerClient | None = None
         self.loaded: set[str] = set()
         self.sessions: list[dict[str, Any]] = []
         self.unloaded: list[str] = []
@@ -218,11 +304,12 @@ class FakeScheduler:
         self.expires_at: datetime | None = datetime.now(timezone.utc) + timedelta(minutes=5)
 
     async def start(self) -> None:
+        self.client = await self._served.__aenter__()
         self.started = True
 
     async def stop(self) -> None:
         self.stopped = True
-        await self.client.aclose()
+        await self._served.__aexit__(None, None, None)
 
     def resolve(self, name: str) -> FakeEntry:
         entry = self.entries.get(name.removesuffix(":latest"))
@@ -272,6 +359,7 @@ class FakeScheduler:
         cold = entry.name not in self.loaded
         self.loaded.add(entry.name)
         self.refcount += 1
+        assert self.client is not None, "start() the scheduler first"
         try:
             yield FakeLease(
                 model=model,

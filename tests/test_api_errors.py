@@ -156,7 +156,7 @@ async def test_runner_failure_is_502_with_its_message_and_output() -> None:
 
 
 async def test_runner_unreachable_is_502() -> None:
-    runner = FakeRunner(transport_error=httpx.ConnectError("connection refused"))
+    runner = FakeRunner(unreachable=True)
     async with serving(runner) as s:
         r = await s.client.post("/api/generate", json={"model": MODEL, "prompt": "x"})
         assert_ollama_error(r, 502, "connection refused", MODEL)

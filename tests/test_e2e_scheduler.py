@@ -6,6 +6,7 @@ asking for A, then B, then A swaps for real: processes stop, memory is re-measur
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,20 @@ MIB = 1024 * 1024
 BUDGET = 1536 * MIB
 
 
-async def _generate(lease: Lease) -> str:
-    r = await lease.client.post(
-        "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4},
-        timeout=60,
+async def _post(lease: Lease, path: str, body: dict[str, Any]) -> Any:
+    headers = {"content-type": "application/json"}
+    r = await lease.client.request(
+        "POST", path, body=json.dumps(body).encode(), headers=headers, timeout_s=60
     )
-    r.raise_for_status()
-    return str(r.json()["choices"][0]["message"]["content"])
+    assert r.status == 200, r.content
+    return json.loads(r.content)
+
+
+async def _generate(lease: Lease) -> str:
+    body = {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4}
+    return str(
+        (await _post(lease, "/v1/chat/completions", body))["choices"][0]["message"]["content"]
+    )
 
 
 def _pid(lease: Lease) -> int:
@@ -53,8 +60,8 @@ async def test_swap_two_real_models_through_the_budget(tmp_path: Path) -> None:
             assert a.cold
             assert await _generate(a)  # the model really generates
             pid_a = _pid(a)
-            r = await a.client.post("/v1/embeddings", json={"input": "hello"}, timeout=60)
-            assert r.status_code == 200, "embeddings on by default, beside generation"
+            # Embeddings are on by default, beside generation.
+            assert (await _post(a, "/v1/embeddings", {"input": "hello"}))["data"]
             buffers = a.runner.buffer_report()
             report = sum(buffers.values())
         [row] = s.resident()

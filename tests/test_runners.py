@@ -239,3 +239,22 @@ asyncio.run(main())
     out, _ = await proc.communicate()
     runner_pid = int(out.split()[-1])
     await eventually(lambda: not alive(runner_pid), 5, "the orphaned runner to die")
+
+
+@pytest.mark.timeout(30)
+async def test_output_is_read_in_batches_without_losing_or_blocking() -> None:
+    # 200k lines (~3 MB) as fast as the process can print, the last one without an end: the
+    # runner never waits on a full pipe, and the ring buffer ends with exactly its last lines.
+    script = (
+        "import sys\n"
+        "for i in range(200_000): sys.stdout.write('line %d\\n' % i)\n"
+        "sys.stdout.write('no newline at the end')\n"
+    )
+    r = CommandRunner(spec(extra={"command": [sys.executable, "-c", script]}), tail_lines=64)
+    t0 = time.monotonic()
+    await r.start()
+    assert await asyncio.wait_for(r.wait_exit(), 20) == 0
+    assert r.output_tail(3).splitlines() == ["line 199998", "line 199999", "no newline at the end"]
+    assert len(r.output_tail(0).splitlines()) == 64
+    assert time.monotonic() - t0 < 15
+    await r.stop()

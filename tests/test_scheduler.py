@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from residency.config import ModelConfig, load_settings
@@ -21,6 +21,7 @@ from residency.errors import (
     RunnerError,
     ServerBusyError,
 )
+from residency.runners.http import TransportError
 from residency.scheduler import Clock, Lease, Scheduler
 from scheduler_helpers import MIB, ManualClock, alive, eventually, fake_model, group_members
 
@@ -51,11 +52,10 @@ async def sched_factory() -> AsyncIterator[Any]:
 
 
 async def chat(lease: Lease) -> str:
-    r = await lease.client.post(
-        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
-    )
-    r.raise_for_status()
-    return str(r.json()["choices"][0]["message"]["content"])
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    r = await lease.client.post("/v1/chat/completions", body)
+    assert r.status == 200, r.content
+    return str(json.loads(r.content)["choices"][0]["message"]["content"])
 
 
 def pid_of(lease: Lease) -> int:
@@ -328,7 +328,7 @@ async def test_crash_mid_request_fails_that_request_only(
     async with s.session("a"):
         pass
     async with s.session("boom") as lease:
-        with pytest.raises(httpx.TransportError):
+        with pytest.raises(TransportError):
             await chat(lease)
         await eventually(lambda: not lease.alive, what="crash noticed")
         err = lease.error("chat failed")

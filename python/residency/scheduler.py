@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Protocol
 
-import httpx
-
 from residency._core import (
     AdmitOutcome,
     BudgetExceededError,
@@ -48,6 +46,7 @@ from residency.keepalive import parse_keep_alive
 from residency.memory import DeviceInfo, MemoryProbe, discover_devices, open_probe
 from residency.registry import ModelEntry, Registry
 from residency.runners import LaunchSpec, Runner, runner_class
+from residency.runners.http import RunnerClient
 from residency.watcher import RecoveryOutcome, Watcher
 
 __all__ = [
@@ -111,7 +110,7 @@ class Lease:
     entry: ModelEntry
     base_url: str
     #: Pooled and shared by every request to this runner: reuse it, never create one per request.
-    client: httpx.AsyncClient
+    client: RunnerClient
     cold: bool
     #: Queueing + eviction + recovery + start, as Ollama counts load_duration.
     load_duration_ns: int

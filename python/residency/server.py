@@ -97,5 +97,3 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # httpx logs every runner call at INFO: noise, and a cost on the hot path.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))

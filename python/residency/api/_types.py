@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
+from residency.runners.http import RunnerClient
 
 __all__ = ["EntryLike", "LeaseLike", "ResidentLike", "SchedulerLike"]
 
@@ -48,7 +48,7 @@ class LeaseLike(Protocol):
     @property
     def base_url(self) -> str: ...
     @property
-    def client(self) -> httpx.AsyncClient: ...
+    def client(self) -> RunnerClient: ...
     @property
     def cold(self) -> bool: ...
     @property
