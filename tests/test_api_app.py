@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from api_fakes import FakeRunner, serving
@@ -71,6 +72,38 @@ async def test_openapi_schema_matches_the_endpoints() -> None:
         assert "model" in chat["required"]
         assert chat["properties"]["messages"]["anyOf"][0]["items"]["$ref"].endswith("/ChatMessage")
         assert components["OpenAIChatRequest"]["properties"]["keep_alive"]
+
+
+async def test_generation_routes_skip_fastapi_routing_with_the_same_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serving() as s:
+        assert s.app.direct_routes == {
+            ("POST", "/api/generate"),
+            ("POST", "/api/chat"),
+            ("POST", "/api/embed"),
+            ("POST", "/api/embeddings"),
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/completions"),
+            ("POST", "/v1/embeddings"),
+        }
+        routed: list[str] = []
+        real_call = FastAPI.__call__
+
+        async def spy(app: Any, scope: Any, receive: Any, send: Any) -> None:
+            routed.append(scope.get("path", ""))
+            await real_call(app, scope, receive, send)
+
+        monkeypatch.setattr(FastAPI, "__call__", spy)
+        r = await s.client.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
+        assert r.status_code == 400  # errors keep their shape on the direct path
+        assert "messages" in r.json()["error"]["message"]
+        r = await s.client.post("/api/chat", json={"model": MODEL, "messages": [], "stream": False})
+        assert r.status_code == 200
+        assert r.json()["done_reason"] == "load"
+        assert routed == []
+        assert (await s.client.get("/api/ps")).status_code == 200
+        assert routed == ["/api/ps"]  # everything else goes through FastAPI
 
 
 async def test_metrics_count_requests_loads_and_residents() -> None:

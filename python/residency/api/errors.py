@@ -34,6 +34,7 @@ __all__ = [
     "ClientDisconnected",
     "api_error",
     "error_body",
+    "error_for",
     "error_response",
     "install_exception_handlers",
     "is_openai_path",
@@ -143,8 +144,9 @@ def error_response(err: ApiError, *, openai: bool) -> Response:
     )
 
 
-async def _handle(request: Request, exc: Exception) -> Response:
-    return error_response(api_error(exc), openai=is_openai_path(request.url.path))
+async def error_for(request: Request, exc: Exception) -> Response:
+    """The answer to a request that raised `exc`: every exception handler of the app."""
+    return error_response(api_error(exc), openai=is_openai_path(request.scope["path"]))
 
 
 def install_exception_handlers(app: FastAPI) -> None:
@@ -158,4 +160,4 @@ def install_exception_handlers(app: FastAPI) -> None:
         StarletteHTTPException,
         Exception,
     ):
-        app.add_exception_handler(exc_type, _handle)
+        app.add_exception_handler(exc_type, error_for)

@@ -38,7 +38,14 @@ from residency.api.schemas import (
     GenerateRequest,
     ShowRequest,
 )
-from residency.api.state import ApiState, State, api_state, body_schema, check_keep_alive
+from residency.api.state import (
+    ApiState,
+    State,
+    api_state,
+    body_schema,
+    check_keep_alive,
+    direct,
+)
 from residency.api.translate import (
     Generation,
     chat_body,
@@ -63,6 +70,7 @@ _FOREVER_NS = 2**63 - 1
 
 
 @router.post("/api/generate", openapi_extra=body_schema(GenerateRequest))
+@direct
 async def generate(request: Request) -> Response:
     """Completes a prompt (templated as a chat turn unless ``raw``)."""
     state = api_state(request)
@@ -79,6 +87,7 @@ async def generate(request: Request) -> Response:
 
 
 @router.post("/api/chat", openapi_extra=body_schema(ChatRequest))
+@direct
 async def chat(request: Request) -> Response:
     """The next assistant message of a conversation."""
     state = api_state(request)
@@ -128,8 +137,7 @@ async def _load_or_unload(
         out["response"] = ""
     out["done"] = True
     out["done_reason"] = reason
-    rec.finish(200)
-    return json_response(out)
+    return json_response(out, record=rec)
 
 
 async def _generation(
@@ -177,8 +185,7 @@ async def _generation(
             return _final(asked, gen, rec, lease, chat=chat, whole=True)
 
         out = await until_disconnected(request, whole())
-        rec.finish(200)
-        return json_response(out)
+        return json_response(out, record=rec)
 
     stack, lease, upstream, t_sent = await until_disconnected(request, open_upstream())
 
@@ -257,6 +264,7 @@ def _final(
 
 
 @router.post("/api/embed", openapi_extra=body_schema(EmbedRequest))
+@direct
 async def embed(request: Request) -> Response:
     """Embeddings for one text or many, L2-normalised as Ollama returns them."""
     state = api_state(request)
@@ -290,14 +298,14 @@ async def embed(request: Request) -> Response:
         out["load_duration"] = lease_load
         if prompt_tokens is not None:
             out["prompt_eval_count"] = prompt_tokens
-        rec.finish(200)
-        return json_response(out)
+        return json_response(out, record=rec)
     except BaseException as err:
         rec.fail(err)
         raise
 
 
 @router.post("/api/embeddings", openapi_extra=body_schema(EmbeddingsRequest))
+@direct
 async def embeddings(request: Request) -> Response:
     """The legacy single-text endpoint: ``{"embedding": [...]}``, not normalised."""
     state = api_state(request)
@@ -318,8 +326,7 @@ async def embeddings(request: Request) -> Response:
                 inputs=inputs,
             ),
         )
-        rec.finish(200)
-        return json_response({"embedding": vectors[0] if vectors else []})
+        return json_response({"embedding": vectors[0] if vectors else []}, record=rec)
     except BaseException as err:
         rec.fail(err)
         raise

@@ -33,7 +33,14 @@ from residency.api.schemas import (
     OpenAIEmbeddingRequest,
     _OpenAIBase,
 )
-from residency.api.state import ApiState, State, api_state, body_schema, check_keep_alive
+from residency.api.state import (
+    ApiState,
+    State,
+    api_state,
+    body_schema,
+    check_keep_alive,
+    direct,
+)
 from residency.api.translate import pooled
 
 __all__ = ["router"]
@@ -47,6 +54,7 @@ _DONE = b"data: [DONE]\n\n"
 
 
 @router.post("/chat/completions", openapi_extra=body_schema(OpenAIChatRequest))
+@direct
 async def chat_completions(request: Request) -> Response:
     state = api_state(request)
     rec = state.record("openai", "/v1/chat/completions")
@@ -62,6 +70,7 @@ async def chat_completions(request: Request) -> Response:
 
 
 @router.post("/completions", openapi_extra=body_schema(OpenAICompletionRequest))
+@direct
 async def completions(request: Request) -> Response:
     state = api_state(request)
     rec = state.record("openai", "/v1/completions")
@@ -77,6 +86,7 @@ async def completions(request: Request) -> Response:
 
 
 @router.post("/embeddings", openapi_extra=body_schema(OpenAIEmbeddingRequest))
+@direct
 async def embeddings(request: Request) -> Response:
     state = api_state(request)
     rec = state.record("openai", "/v1/embeddings")
@@ -101,8 +111,7 @@ async def embeddings(request: Request) -> Response:
             if req.encoding_format == "base64":
                 raw = np.asarray(vector, dtype="<f4").tobytes()
                 item["embedding"] = base64.b64encode(raw).decode("ascii")
-        rec.finish(200)
-        return json_response(data)
+        return json_response(data, record=rec)
     except BaseException as err:
         rec.fail(err)
         raise
@@ -147,6 +156,11 @@ def _load_options(req: _OpenAIBase) -> dict[str, Any] | None:
 
 def _rename(content: bytes, asked: str) -> bytes:
     """The runner's answer with the model name the client asked for."""
+    # The usual case, without a parse: the first "model" key (the top-level one in the runners'
+    # compact JSON, written before any nested object) already names it.
+    at = content.find(b'"model":')
+    if at >= 0 and content.startswith(to_json(asked), at + 8):
+        return content
     data = from_json(content)
     if isinstance(data, dict) and data.get("model") != asked:
         data["model"] = asked
@@ -170,9 +184,7 @@ async def _forward(
     asked = req.model
     if not stream:
         content = await until_disconnected(request, _whole(state, rec, req, path, body))
-        out = _rename(content, asked)
-        rec.finish(200)
-        return Response(out, media_type="application/json")
+        return json_response(_rename(content, asked), record=rec)
 
     async def open_upstream() -> tuple[AsyncExitStack, RunnerStream]:
         stack = AsyncExitStack()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import BaseModel
+from starlette.responses import Response
 
 from residency.api._types import SchedulerLike
 from residency.api.errors import ApiError
@@ -14,7 +16,29 @@ from residency.api.metrics import Metrics, RequestRecord
 from residency.config import Settings
 from residency.keepalive import parse_keep_alive
 
-__all__ = ["ApiState", "State", "api_state", "body_schema", "check_keep_alive"]
+__all__ = [
+    "DIRECT_ENDPOINTS",
+    "ApiState",
+    "DirectEndpoint",
+    "State",
+    "api_state",
+    "body_schema",
+    "check_keep_alive",
+    "direct",
+]
+
+DirectEndpoint = Callable[[Request], Awaitable[Response]]
+
+#: Endpoints served without FastAPI's router and middleware (see ``app.ResidencyApp``).
+DIRECT_ENDPOINTS: set[DirectEndpoint] = set()
+
+
+def direct(endpoint: DirectEndpoint) -> DirectEndpoint:
+    """Marks a route's endpoint as one the app may call directly: it takes only the Request,
+    parses its own body and uses no dependencies, so FastAPI's per-request machinery does nothing
+    for it but cost time. Put it under the route decorator."""
+    DIRECT_ENDPOINTS.add(endpoint)
+    return endpoint
 
 
 @dataclass
