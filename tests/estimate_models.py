@@ -27,11 +27,14 @@ def write_llama(
     tied_output: bool = False,
     arch: str = "llama",
     sliding_window: int | None = None,
+    head_dim: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write a llama-family GGUF (``arch`` = llama, qwen2 or gemma3) with random weights."""
+    """Write a llama-family GGUF (``arch`` = llama, qwen2 or gemma3) with random weights.
+
+    ``head_dim`` defaults to ``n_embd // n_head``; gemma3 may set another (Gemma 3 270M: 256)."""
     rng = np.random.default_rng(seed)
-    head_dim = n_embd // n_head
+    head_dim = head_dim or n_embd // n_head
     w = GGUFWriter(str(path), arch)
     w.add_name(f"test-{arch}-{n_layer}x{n_embd}")
     w.add_block_count(n_layer)

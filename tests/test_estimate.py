@@ -198,6 +198,128 @@ def test_parse_buffers() -> None:
     assert m.total_bytes == round((235.16 + 72 + 514.5) * MiB)
 
 
+def test_parse_buffers_of_llama_server() -> None:
+    # llama-server (-lv 4) prefixes its time and level.
+    log = (
+        "0.01.401.354 I load_tensors:        CUDA0 model buffer size =   271.86 MiB\n"
+        "0.01.450.478 I llama_context:  CUDA_Host  output buffer size =     1.00 MiB\n"
+        "0.01.461.251 I sched_reserve:      CUDA0 compute buffer size =    21.52 MiB\n"
+    )
+    m = parse_buffers(log)
+    assert m.buffers == {
+        ("CUDA0", "model"): round(271.86 * MiB),
+        ("CUDA_Host", "output"): MiB,
+        ("CUDA0", "compute"): round(21.52 * MiB),
+    }
+
+
+# ---- the GPU placement, against llama-server on CUDA ------------------------------------------
+# CUDA0 buffers (MiB) that llama-server, built from the llama.cpp llama-cpp-python 0.3.36 vendors,
+# reported on an H100 for these generated models (benchmarks/bench_gpu_estimate.py, same shapes):
+# they pin -fa auto (off for head sizes CUDA lacks), the output layer going first with -ngl, and
+# llama-server's one row of logits per slot.
+CUDA_SHAPES: dict[str, dict[str, Any]] = {
+    "llama-attn": {"n_head": 16, "n_head_kv": 4, "n_ff": 512},  # head size 16: no CUDA FA
+    "llama-ffn": {"n_layer": 3, "n_head": 4, "n_head_kv": 4, "n_ff": 8192},
+    "qwen2-q8": {
+        "arch": "qwen2",
+        "n_layer": 6,
+        "n_embd": 640,
+        "n_head": 5,
+        "n_head_kv": 1,
+        "n_ff": 1792,
+        "n_vocab": 8192,
+        "weight_type": GGMLQuantizationType.Q8_0,
+        "tied_output": True,
+    },
+    "gemma3-swa": {
+        "arch": "gemma3",
+        "n_layer": 7,
+        "n_head": 8,
+        "n_ff": 768,
+        "n_vocab": 2048,
+        "sliding_window": 256,
+        "tied_output": True,
+    },
+}
+CUDA_MEASURED = [
+    ("llama-attn", {"ctx": 4096}, -1, (4.76, 4.0, 138.01)),
+    ("llama-attn", {"ctx": 8192, "parallel": 4}, -1, (4.76, 32.0, 278.01)),
+    ("llama-ffn", {"ctx": 4096}, -1, (38.01, 12.0, 53.51)),
+    ("qwen2-q8", {"ctx": 8192}, -1, (32.28, 24.0, 22.26)),
+    ("qwen2-q8", {"ctx": 8192}, 3, (14.3, 8.0, 24.42)),
+    ("gemma3-swa", {"ctx": 16384}, -1, (11.09, 5.12, 293.52)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "opts", "layers", "mib"),
+    CUDA_MEASURED,
+    ids=[f"{c[0]}-{json.dumps(c[1])}-ngl{c[2]}" for c in CUDA_MEASURED],
+)
+def test_gpu_buffers_match_llama_server_on_cuda(
+    tmp_path: Path, name: str, opts: dict[str, Any], layers: int, mib: tuple[float, ...]
+) -> None:
+    from residency.scheduler import llama_server_estimate_options
+
+    path = write_llama(tmp_path / f"{name}.gguf", **CUDA_SHAPES[name])
+    e = estimate(
+        path,
+        device="gpu",
+        gpu_layers="all" if layers < 0 else layers,
+        **llama_server_estimate_options(
+            ctx=opts["ctx"], parallel=opts.get("parallel", 1), kv_type="f16"
+        ),
+    )
+    for what, predicted, got in zip(
+        ("weights", "KV", "compute"),
+        (e.gpu_weights_bytes, e.gpu_kv_bytes, e.gpu_compute_bytes),
+        (round(m * MiB) for m in mib),
+        strict=True,
+    ):
+        assert abs(predicted - got) <= max(0.05 * got, 4 * MiB), f"{what}: {predicted} vs {got}"
+    assert e.gpu_bytes == (
+        e.gpu_weights_bytes + e.gpu_kv_bytes + e.gpu_compute_bytes + e.overhead_bytes
+    )
+
+
+def test_ngl_1_is_the_output_layer(gemma: Path) -> None:
+    # llama.cpp counts the output layer as the last: -ngl 1 offloads it alone (Gemma 3 270M ties it
+    # to the token embeddings, which llama.cpp then copies to the GPU), and no repeating layer.
+    e = estimate(gemma, device="gpu", gpu_layers=1)
+    info = read_model(gemma)
+    embd = next(t for t in info.tensors if t.name == "token_embd.weight")
+    assert e.gpu_kv_bytes == 0
+    assert e.gpu_weights_bytes >= embd.n_bytes
+    assert e.gpu_weights_bytes < embd.n_bytes + 2 * MiB
+
+
+def test_no_cpu_repack_with_a_gpu(gemma: Path) -> None:
+    # A CUDA build keeps host weights in the mmap'ed file: no CPU_REPACK buffer (seen on an H100).
+    assert estimate(gemma, device="gpu", gpu_layers=5).weights_repack_bytes == 0
+    assert estimate(gemma, cpu_repack=True).weights_repack_bytes > 0
+
+
+def test_llama_server_reserves_one_row_of_logits_per_slot(gemma: Path) -> None:
+    every = estimate(gemma, device="gpu", gpu_layers="all")
+    per_slot = estimate(gemma, device="gpu", gpu_layers="all", n_outputs=1)
+    # Gemma 3's 262k vocabulary: 512 rows of logits are 512 MiB; one row is 1 MiB.
+    assert every.gpu_compute_bytes - per_slot.gpu_compute_bytes > 440 * MiB
+    assert per_slot.gpu_compute_bytes < 64 * MiB
+
+
+def test_flash_attn_auto(tmp_path: Path, gemma: Path) -> None:
+    odd = write_llama(tmp_path / "odd.gguf", n_head=8, n_head_kv=4, n_ff=512)  # head size 32
+    for path, on_cuda in ((gemma, True), (odd, False)):
+        auto = estimate(path, device="gpu", gpu_layers="all", flash_attn="auto")
+        assert auto == estimate(path, device="gpu", gpu_layers="all", flash_attn=on_cuda)
+        # On the CPU every head size runs flash attention.
+        assert estimate(path, flash_attn="auto") == estimate(path, flash_attn=True)
+    # A quantised V cache forces it on.
+    q8 = estimate(odd, device="gpu", gpu_layers="all", flash_attn="auto", kv_type="q8_0")
+    assert q8 == estimate(odd, device="gpu", gpu_layers="all", flash_attn=True, kv_type="q8_0")
+
+
 # ---- against llama.cpp (real runner library, real Gemma 3 270M) --------------------------------
 
 GRID = [

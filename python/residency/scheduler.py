@@ -750,6 +750,13 @@ class Scheduler:
         """The runner's own buffer report; else, on a GPU, what the device lost while it loaded."""
         reported = runner.reported_bytes()
         if reported:
+            if inst.device.startswith("cuda"):
+                # llama.cpp's buffer lines leave out the CUDA context, kernels, cuBLAS and ggml's
+                # pool (600-720 MiB per runner on an H100): keep reserving what the estimate
+                # reserved for them, or the measurement would shrink the reservation by that much.
+                from residency.estimate import DEFAULT_GPU_OVERHEAD_BYTES
+
+                reported += DEFAULT_GPU_OVERHEAD_BYTES
             return reported
         if inst.device == HOST_DEVICE or free_at_spawn is None:
             return None  # host free memory moves with every process: not a measurement
@@ -821,14 +828,10 @@ class Scheduler:
         embedding = entry.config.embedding
         if embedding is None:
             embedding = kind == "llama-cpp-python"
-        if kind == "llama-server":  # its --ctx-size is shared by the slots: each gets ctx
-            return {
-                "ctx": want.ctx * want.parallel,
-                "parallel": want.parallel,
-                "kv_type": want.kv_type,
-                "embeddings": embedding,
-                "swa_full": False,
-            }
+        if kind == "llama-server":
+            return llama_server_estimate_options(
+                ctx=want.ctx, parallel=want.parallel, kv_type=want.kv_type, embedding=embedding
+            )
         # llama-cpp-python: n_batch 512 and llama.cpp's full-size sliding-window cache. With
         # --embedding it also sets n_seq_max = min(n_batch, 256) over one unified KV cache, which
         # grows the output buffer by ~256 MiB (measured by the estimator's llama.cpp comparison).
@@ -952,6 +955,23 @@ def _discover(settings: Settings) -> tuple[MemoryProbe, list[DeviceInfo]]:
     else:
         probe = open_probe(settings.probe)
     return probe, discover_devices(probe)
+
+
+def llama_server_estimate_options(
+    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False
+) -> dict[str, Any]:
+    """The estimator's options for the command line LlamaServerRunner builds (``ctx`` per slot)."""
+    return {
+        "ctx": ctx * parallel,  # its --ctx-size is shared by the slots: each gets ctx
+        "parallel": parallel,
+        "kv_type": kv_type,
+        "embeddings": embedding,
+        "swa_full": False,
+        # llama-server's default `-fa auto`: on unless CUDA lacks the model's head size.
+        "flash_attn": "auto",
+        # It reserves logits for one token per slot (all of a batch only when serving embeddings).
+        "n_outputs": None if embedding else parallel,
+    }
 
 
 def _estimate(entry: ModelEntry, **options: Any) -> Any:

@@ -15,17 +15,25 @@ Meaning of the options (all keyword-only, llama.cpp's own semantics):
 - ``kv_type``: the K and V cache type (``f16``, ``q8_0``, ``q4_0``, ...).
 - ``batch`` / ``ubatch``: ``n_batch`` / ``n_ubatch``; the compute buffer scales with ``ubatch``.
 - ``flash_attn``: ``None`` = on exactly when the V cache is quantised (llama.cpp refuses a quantised
-  V cache without it), which is what residency's runners pass.
+  V cache without it), as llama-cpp-python's server passes it; ``"auto"`` = llama-server's default
+  ``-fa auto``: on, unless a layer on the GPU has a head size CUDA's kernels lack (its attention
+  would then fall back to the CPU, and llama.cpp turns flash attention off instead).
+- ``n_outputs``: rows of logits the worst-case graph computes per micro-batch: ``None`` = every
+  token (llama.cpp's default); llama-server asks for one per slot (``parallel``) unless it serves
+  embeddings. With a large vocabulary this decides the compute buffer (Gemma 3: 512 MiB vs 1).
 - ``swa_full``: a full-size cache for sliding-window layers (llama.cpp's C default is True, which
   llama-cpp-python inherits; llama-server defaults to False).
 - ``kv_unified``: one cache stream shared by all sequences (each may then use all of ``ctx``).
 - ``embeddings``: the context also returns embeddings (a larger output buffer).
-- ``gpu_layers`` / ``device``: on ``device="gpu"``, the last ``gpu_layers`` repeating layers (and
-  the output layer when ``gpu_layers > n_layers``; ``"all"``: everything) go to the GPU (``-ngl``).
+- ``gpu_layers`` / ``device``: on ``device="gpu"``, llama.cpp's ``-ngl``: the output layer counts as
+  the last layer, so it goes to the GPU first, then the last ``gpu_layers - 1`` repeating layers
+  (``"all"``: everything; the input embeddings always stay on the host).
 - ``gpu_overhead_bytes``: added once per GPU runner for the CUDA context, cuBLAS workspace and the
   allocator's slack that llama.cpp does not report (default :data:`DEFAULT_GPU_OVERHEAD_BYTES`).
 - ``cpu_repack``: whether llama.cpp's CPU backend repacks quantised weights into an extra buffer
-  (``CPU_REPACK``); ``None`` = as this machine's CPU does (AVX2 / AVX-512 / ARM dot-product).
+  (``CPU_REPACK``); ``None`` = as this machine's CPU does (AVX2 / AVX-512 / ARM dot-product), and
+  never on ``device="gpu"``: a CUDA build prefers its pinned host buffer type for host weights,
+  which the mmap'ed file then replaces (checked on an H100: no ``CPU_REPACK`` buffer).
 """
 
 from __future__ import annotations
@@ -54,10 +62,13 @@ __all__ = [
 
 MiB = 1 << 20
 
-#: CUDA context (~300-500 MiB depending on the GPU and driver), cuBLAS workspace and the pool
-#: allocator's slack: memory a CUDA runner holds that llama.cpp's buffer lines do not show.
-#: Ollama reserves a similar fixed amount per GPU (``OLLAMA_GPU_OVERHEAD`` adds to it).
-DEFAULT_GPU_OVERHEAD_BYTES = 512 * MiB
+#: What a CUDA runner holds beyond llama.cpp's buffer lines: the CUDA context, kernels, cuBLAS
+#: workspace and ggml's pool. Measured on an H100 (driver 580, CUDA 13, llama-server built from the
+#: llama.cpp llama-cpp-python 0.3.36 vendors; ``benchmarks/bench_gpu_estimate.py``): a bare CUDA
+#: context takes 528 MiB; a llama-server 595-700 MiB once ready, 608-720 MiB after a 1,500-token
+#: prompt (more without flash attention, whose cuBLAS path needs workspace). Ollama reserves a
+#: similar fixed amount per GPU (``OLLAMA_GPU_OVERHEAD`` adds to it).
+DEFAULT_GPU_OVERHEAD_BYTES = 768 * MiB
 
 #: KV cache types -> (elements per block, bytes per block), as ggml's type traits.
 KV_TYPES: dict[str, tuple[int, int]] = {
@@ -76,6 +87,7 @@ LLAMA_MAX_SEQ = 256  # llama-cparams.h
 _PAD = 256  # llama.cpp pads n_ctx, n_ctx_seq and the SWA cache to 256 cells
 _CUDA_ALIGN = 128
 _CUDA_ROW_PADDING = 512  # ggml-cuda pads quantised rows to MATRIX_ROW_PADDING elements
+_CUDA_OFFLOAD_MIN_BATCH = 32  # ggml-cuda takes host-weight ops of at least this many tokens
 
 # Tensors looked up by row (GET_ROWS), never multiplied: the CPU backend never repacks them.
 _NOT_MATMUL = ("token_embd.weight", "position_embd.weight", "token_types.weight")
@@ -102,6 +114,11 @@ class Estimate:
     overhead_bytes: int
     total_bytes: int
     gpu_bytes: int
+    #: Of ``gpu_bytes``: the GPU's share of the weights, KV cache and compute buffer (llama.cpp's
+    #: ``CUDA0`` lines); the rest of ``gpu_bytes`` is ``overhead_bytes``.
+    gpu_weights_bytes: int
+    gpu_kv_bytes: int
+    gpu_compute_bytes: int
     host_bytes: int
     gpu_layers: int
     #: The effective context after llama.cpp's padding, per sequence and in total.
@@ -133,6 +150,7 @@ class _Options:
     n_stream: int
     n_batch: int
     n_ubatch: int
+    n_outputs: int
     kv_type: str
     flash_attn: bool
     swa_full: bool
@@ -155,11 +173,12 @@ def estimate(
     gpu_layers: int | Literal["all"] = 0,
     device: Literal["cpu", "gpu"] = "cpu",
     gpu_overhead_bytes: int = DEFAULT_GPU_OVERHEAD_BYTES,
-    flash_attn: bool | None = None,
+    flash_attn: bool | Literal["auto"] | None = None,
     swa_full: bool = False,
     kv_unified: bool = False,
     embeddings: bool = False,
     cpu_repack: bool | None = None,
+    n_outputs: int | None = None,
 ) -> Estimate:
     """The bytes llama.cpp will allocate for ``path`` with these options (see the module doc)."""
     info = read_model(path)
@@ -178,6 +197,7 @@ def estimate(
         kv_unified=kv_unified,
         embeddings=embeddings,
         cpu_repack=cpu_repack,
+        n_outputs=n_outputs,
     )
     return _estimate(info, o)
 
@@ -189,8 +209,8 @@ def fit_layers(
 ) -> LayerFit:
     """The most layers whose GPU share (weights, KV, compute, overhead) fits in ``budget_bytes``.
 
-    Counts like ``-ngl``: ``n_layers + 1`` puts the output layer on the GPU too. Zero layers means
-    the GPU is not used at all (``gpu_bytes == 0``) and everything is on the host.
+    Counts like ``-ngl``: 1 is the output layer alone, ``n_layers + 1`` everything. Zero layers
+    means the GPU is not used at all (``gpu_bytes == 0``) and everything is on the host.
     """
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
         raise EstimateError(
@@ -243,11 +263,12 @@ def _options(
     gpu_layers: int | Literal["all"],
     device: str,
     gpu_overhead_bytes: int,
-    flash_attn: bool | None,
+    flash_attn: bool | Literal["auto"] | None,
     swa_full: bool,
     kv_unified: bool,
     embeddings: bool,
     cpu_repack: bool | None,
+    n_outputs: int | None,
 ) -> _Options:
     p = info.path
     ctx = _positive_int(p, "ctx", ctx, minimum=0)
@@ -264,8 +285,9 @@ def _options(
             f"{p}: unknown KV cache type {kv_type!r} (one of {', '.join(KV_TYPES)})"
         )
     quantized = KV_TYPES[kv][0] > 1
-    fa = quantized if flash_attn is None else bool(flash_attn)
-    if quantized and not fa:
+    if flash_attn not in (None, True, False, "auto"):
+        raise EstimateError(f"{p}: flash_attn must be True, False, None or 'auto'")
+    if flash_attn is False and quantized:
         raise EstimateError(
             f"{p}: a quantised V cache ({kv}) needs flash attention; llama.cpp refuses it"
         )
@@ -290,6 +312,14 @@ def _options(
     on_gpu = device == "gpu" and layers > 0
     if not on_gpu:
         layers = 0
+    if flash_attn == "auto":
+        # llama_context::resolve_fused_ops: a quantised V cache forces it on; otherwise it stays on
+        # unless a GPU layer's attention would fall back to the CPU. The CPU runs every head size.
+        fa = quantized or not on_gpu or _cuda_flash_attn_supported(info)
+    else:
+        fa = quantized if flash_attn is None else bool(flash_attn)
+    if n_outputs is not None:
+        n_outputs = _positive_int(p, "n_outputs", n_outputs)
 
     # llama_context::llama_context
     n_ctx = _pad(ctx or info.n_ctx_train or 4096, _PAD)
@@ -307,6 +337,7 @@ def _options(
         n_stream=1 if kv_unified else parallel,
         n_batch=n_batch,
         n_ubatch=n_ubatch,
+        n_outputs=min(n_batch, n_outputs) if n_outputs is not None else n_batch,
         kv_type=kv,
         flash_attn=fa,
         swa_full=swa_full,
@@ -315,8 +346,20 @@ def _options(
         gpu_layers=layers,
         on_gpu=on_gpu,
         gpu_overhead_bytes=gpu_overhead_bytes,
-        cpu_repack=_host_repacks() if cpu_repack is None else cpu_repack,
+        cpu_repack=(device != "gpu" and _host_repacks()) if cpu_repack is None else cpu_repack,
     )
+
+
+#: (K, V) head sizes ggml-cuda's flash-attention kernels run (fattn.cu); others run on the CPU.
+_CUDA_FA_HEADS = {(d, d) for d in (40, 64, 72, 80, 96, 112, 128, 256, 512)} | {
+    (192, 128),
+    (320, 256),
+    (576, 512),
+}
+
+
+def _cuda_flash_attn_supported(info: ModelInfo) -> bool:
+    return (info.head_dim_k, info.head_dim_v) in _CUDA_FA_HEADS
 
 
 # ---- the estimate --------------------------------------------------------------------------------
@@ -324,7 +367,8 @@ def _options(
 
 def _estimate(info: ModelInfo, o: _Options) -> Estimate:
     i_gpu_start = max(info.n_layer + 1 - o.gpu_layers, 0) if o.on_gpu else info.n_layer + 1
-    output_on_gpu = o.on_gpu and o.gpu_layers > info.n_layer
+    # llama.cpp counts the output layer as layer n_layer: -ngl 1 already puts it on the GPU.
+    output_on_gpu = o.on_gpu
 
     def layer_on_gpu(il: int) -> bool:
         return il >= i_gpu_start
@@ -371,6 +415,7 @@ def _estimate(info: ModelInfo, o: _Options) -> Estimate:
     v_trans = not o.flash_attn
     n_embd_v_max = max((info.n_embd_v_gqa(il) for il in range(info.n_layer)), default=0)
     kv_gpu = kv_host = kv_swa = 0
+    host_layer_kv = 0  # the largest host layer's cache
     for il in range(info.n_layer):
         if not info.has_kv[il]:
             continue
@@ -387,6 +432,7 @@ def _estimate(info: ModelInfo, o: _Options) -> Estimate:
             kv_gpu += nbytes
         else:
             kv_host += nbytes
+            host_layer_kv = max(host_layer_kv, nbytes)
 
     # Output buffer (llama_context::output_reserve): logits (+ embeddings), one token per sequence.
     output = 4 * o.n_seq * (info.n_vocab + (info.n_embd if o.embeddings else 0))
@@ -398,6 +444,7 @@ def _estimate(info: ModelInfo, o: _Options) -> Estimate:
         output_on_gpu=output_on_gpu,
         size_base=size_base,
         size_swa=size_swa,
+        host_layer_kv=host_layer_kv,
     )
     overhead = o.gpu_overhead_bytes if o.on_gpu else 0
 
@@ -417,6 +464,9 @@ def _estimate(info: ModelInfo, o: _Options) -> Estimate:
         overhead_bytes=overhead,
         total_bytes=gpu + host_total,
         gpu_bytes=gpu,
+        gpu_weights_bytes=gpu_weights,
+        gpu_kv_bytes=kv_gpu,
+        gpu_compute_bytes=compute_gpu,
         host_bytes=host_total,
         gpu_layers=o.gpu_layers,
         n_ctx=o.n_ctx,
@@ -440,17 +490,19 @@ def _compute(
     output_on_gpu: bool,
     size_base: int,
     size_swa: int,
+    host_layer_kv: int,
 ) -> tuple[int, int]:
     """Compute buffers (host, gpu): the peak of ggml's graph allocator on the worst-case graph.
 
     llama.cpp reserves the prompt-processing graph for one full micro-batch (``n_ubatch`` tokens,
-    ``n_seq_max`` sequences, every token an output) and sizes each backend's buffer to the peak
-    of tensors alive at once. That peak is one of three moments (measured against llama.cpp, see
-    the tests): the largest attention layer, the largest feed-forward layer, or the output layer.
+    ``n_seq_max`` sequences, up to ``n_outputs`` of them outputs) and sizes each backend's buffer
+    to the peak of tensors alive at once. That peak is one of three moments (measured against
+    llama.cpp, see the tests): the largest attention layer, the largest feed-forward layer, or the
+    output layer.
     Everywhere the per-token inputs (masks) stay alive until the last attention layer.
     """
     n_tok = o.n_ubatch
-    n_out = min(n_tok, o.n_batch)
+    n_out = min(n_tok, o.n_outputs)
     f32 = 4
     q_dim = max(info.n_head) * info.head_dim_k
     n_embd = info.n_embd
@@ -493,6 +545,10 @@ def _compute(
             ffn if layers_gpu else 0,
             output if output_on_gpu else 0,
         )
+        if layers_host and n_tok >= _CUDA_OFFLOAD_MIN_BATCH:
+            # ggml-cuda also runs the host layers' attention for a large batch, on copies of
+            # their cache: room for one host layer's K and V (measured: within a few MiB).
+            gpu = max(gpu, attention + host_layer_kv)
         # The host still stages the inputs and the copies that cross devices.
         host = max(host, f32 * n_tok * n_embd + masks)
     return host, gpu

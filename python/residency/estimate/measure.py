@@ -34,8 +34,10 @@ GGML_TYPE_IDS: dict[str, int] = {
 # "llama_kv_cache:        CPU KV buffer size =    60.00 MiB"
 # "llama_context:        CPU  output buffer size =     1.00 MiB"
 # "sched_reserve:        CPU compute buffer size =   514.50 MiB"
+# llama-server (with -lv 4) prefixes a timestamp and a level: "0.00.812.345 I load_tensors: ..."
 _BUFFER_LINE = re.compile(
-    r"^(?P<where>\w+):\s+(?P<dev>[A-Za-z][\w]*)\s+(?P<what>model|KV|RS|output|compute)\s+"
+    r"^(?:[0-9.]+ [A-Z] )?(?P<where>\w+):\s+(?P<dev>[A-Za-z][\w]*)\s+"
+    r"(?P<what>model|KV|RS|output|compute)\s+"
     r"buffer size\s*=\s*(?P<mib>[0-9.]+)\s*MiB\s*$"
 )
 _MIB = 1 << 20
