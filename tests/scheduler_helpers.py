@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from residency.config import ModelConfig
 
@@ -105,3 +108,10 @@ async def eventually(check: Callable[[], bool], timeout_s: float = 5.0, what: st
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what or check}")
         await asyncio.sleep(0.005)
     return time.monotonic() - start
+
+
+def require_llama_cpp(what: str = "llama-cpp-python (extra 'llama')") -> None:
+    """Skips the caller unless llama-cpp-python is installed, without importing it here: its
+    import opens two /dev/null files it never closes, a ResourceWarning when pytest exits."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip(f"needs {what}")

@@ -39,6 +39,14 @@ async def test_chat_passes_through_with_the_asked_name() -> None:
         assert s.sched.sessions[-1]["released"] is True
 
 
+async def test_a_name_the_runner_does_not_know_is_rewritten_both_ways() -> None:
+    async with serving() as s:
+        r = await s.client.post("/v1/chat/completions", json={**CHAT, "model": MODEL + ":latest"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == MODEL + ":latest"
+        assert s.runner.requests[-1][1]["model"] == MODEL  # the runner's own name
+
+
 async def test_keep_alive_and_num_ctx_are_residency_extensions() -> None:
     async with serving() as s:
         await s.client.post("/v1/chat/completions", json={**CHAT, "keep_alive": -1, "num_ctx": 512})

@@ -25,7 +25,9 @@ from typing import Any
 import httpx
 import pytest
 
-pytest.importorskip("llama_cpp", reason="the e2e tests need llama-cpp-python (extra 'llama')")
+from scheduler_helpers import require_llama_cpp
+
+require_llama_cpp()
 ollama = pytest.importorskip("ollama")
 openai = pytest.importorskip("openai")
 

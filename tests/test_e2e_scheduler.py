@@ -16,9 +16,9 @@ from residency.config import ModelConfig, load_settings
 from residency.embedded import default_model_path
 from residency.estimate import estimate
 from residency.scheduler import Lease, Scheduler
-from scheduler_helpers import alive, eventually
+from scheduler_helpers import alive, eventually, require_llama_cpp
 
-pytest.importorskip("llama_cpp.server", reason="needs the llama extra (llama-cpp-python[server])")
+require_llama_cpp()
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 MIB = 1024 * 1024

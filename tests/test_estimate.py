@@ -20,6 +20,7 @@ from residency.estimate.measure import Measured, measure, parse_buffers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from estimate_models import write_llama
+from scheduler_helpers import require_llama_cpp
 
 MiB = 1 << 20
 
@@ -338,7 +339,7 @@ def _measure_all(cases: list[tuple[Path, dict[str, Any]]]) -> list[Measured]:
 
 @pytest.fixture(scope="module")
 def gemma_measured(gemma: Path) -> list[Measured]:
-    pytest.importorskip("llama_cpp")
+    require_llama_cpp()
     return _measure_all([(gemma, opts) for opts in GRID])
 
 
@@ -372,7 +373,7 @@ def test_gemma_grid_matches_llama_cpp(
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_other_shapes_match_llama_cpp(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
+    require_llama_cpp()
     # Shapes where attention, the feed-forward layer or a sliding window decide the compute buffer.
     models = [
         write_llama(tmp_path / "attn.gguf", n_head=16, n_head_kv=4, n_ff=512),

@@ -194,6 +194,8 @@ class Scheduler:
         self._timer: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()  # replaced on every notify: a broadcast to waiters
         self._wake_timer = asyncio.Event()
+        #: The expiry the keep-alive timer sleeps until (None: until woken).
+        self._timer_deadline: int | None = None
         self._pending = 0
         self._started = False
         self._closed = False
@@ -498,7 +500,13 @@ class Scheduler:
             self._core.release(inst.key, now, keep_alive_ns)
         except (UnknownModelError, InvalidStateError) as err:
             log.warning("release of %s: %s", inst.key, err)
-        self._notify()
+        self._changed.set()
+        self._changed = asyncio.Event()
+        # The timer sleeps until the soonest expiry; a release only moves it when it is sooner
+        # (waking the timer task on every request cost a dozen task operations each).
+        soonest = self._core.next_expiry()
+        if soonest is not None and (self._timer_deadline is None or soonest < self._timer_deadline):
+            self._wake_timer.set()
 
     # ---- loading, stopping, crashing ------------------------------------------------------------
     async def _load(
@@ -904,6 +912,7 @@ class Scheduler:
                     self._stop_instance(inst, "keep-alive expired"), f"expire-{key}", stopper=True
                 )
             deadline = core.next_expiry()
+            self._timer_deadline = deadline
             if deadline is None:
                 await self._wake_timer.wait()
                 continue

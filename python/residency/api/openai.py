@@ -20,6 +20,7 @@ from starlette.responses import Response
 from residency.api.errors import api_error, error_body
 from residency.api.metrics import RequestRecord
 from residency.api.proxy import (
+    Body,
     LeasedStream,
     RunnerStream,
     json_response,
@@ -48,8 +49,9 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 SSE = "text/event-stream"
-_EXTENSIONS = {"keep_alive", "num_ctx"}
-_EXTENSIONS_B64 = {*_EXTENSIONS, "encoding_format"}
+#: Body fields residency acts on itself; the runner never sees them.
+_EXTENSIONS = frozenset({"keep_alive", "num_ctx"})
+_EXTENSIONS_B64 = _EXTENSIONS | {"encoding_format"}
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -59,11 +61,10 @@ async def chat_completions(request: Request) -> Response:
     state = api_state(request)
     rec = state.record("openai", "/v1/chat/completions")
     try:
-        req = OpenAIChatRequest.model_validate_json(await read_body(request))
-        body = req.model_dump(exclude_unset=True, exclude=_EXTENSIONS)
-        return await _forward(
-            request, state, rec, req, path="/v1/chat/completions", body=body, stream=req.stream
-        )
+        raw = await read_body(request)
+        req = OpenAIChatRequest.model_validate_json(raw)
+        path = "/v1/chat/completions"
+        return await _forward(request, state, rec, req, path=path, raw=raw, stream=req.stream)
     except BaseException as err:
         rec.fail(err)
         raise
@@ -75,11 +76,10 @@ async def completions(request: Request) -> Response:
     state = api_state(request)
     rec = state.record("openai", "/v1/completions")
     try:
-        req = OpenAICompletionRequest.model_validate_json(await read_body(request))
-        body = req.model_dump(exclude_unset=True, exclude=_EXTENSIONS)
-        return await _forward(
-            request, state, rec, req, path="/v1/completions", body=body, stream=req.stream
-        )
+        raw = await read_body(request)
+        req = OpenAICompletionRequest.model_validate_json(raw)
+        path = "/v1/completions"
+        return await _forward(request, state, rec, req, path=path, raw=raw, stream=req.stream)
     except BaseException as err:
         rec.fail(err)
         raise
@@ -91,10 +91,12 @@ async def embeddings(request: Request) -> Response:
     state = api_state(request)
     rec = state.record("openai", "/v1/embeddings")
     try:
-        req = OpenAIEmbeddingRequest.model_validate_json(await read_body(request))
+        raw = await read_body(request)
+        req = OpenAIEmbeddingRequest.model_validate_json(raw)
         # The runner returns floats; base64 is encoded here (little-endian float32, as OpenAI).
-        body = req.model_dump(exclude_unset=True, exclude=_EXTENSIONS_B64)
-        content = await until_disconnected(request, _whole(state, rec, req, "/v1/embeddings", body))
+        content = await until_disconnected(
+            request, _whole(state, rec, req, "/v1/embeddings", raw, ours=_EXTENSIONS_B64)
+        )
         data = from_json(content)
         data["model"] = req.model
         dims = req.dimensions
@@ -139,15 +141,30 @@ def _model_card(entry: Any, name: str | None = None) -> dict[str, Any]:
 
 
 async def _whole(
-    state: ApiState, rec: RequestRecord, req: _OpenAIBase, path: str, body: dict[str, Any]
+    state: ApiState,
+    rec: RequestRecord,
+    req: _OpenAIBase,
+    path: str,
+    raw: bytes,
+    *,
+    ours: frozenset[str] = _EXTENSIONS,
 ) -> bytes:
     """One non-streamed runner call inside a lease."""
     async with state.scheduler.session(
         req.model, keep_alive=req.keep_alive, options=_load_options(req)
     ) as lease:
         rec.took(lease)
-        body["model"] = lease.entry.name
-        return await post_json(lease, path, body)
+        return await post_json(lease, path, _runner_body(req, raw, lease.entry.name, ours))
+
+
+def _runner_body(req: _OpenAIBase, raw: bytes, name: str, ours: frozenset[str]) -> Body:
+    """What the runner gets: the client's own bytes when they need no change (the usual case: no
+    re-encoding), else its fields without the ones residency handles, under the runner's name."""
+    if req.model == name and ours.isdisjoint(req.model_fields_set):
+        return raw
+    body = req.model_dump(exclude_unset=True, exclude=set(ours))
+    body["model"] = name
+    return body
 
 
 def _load_options(req: _OpenAIBase) -> dict[str, Any] | None:
@@ -175,7 +192,7 @@ async def _forward(
     req: _OpenAIBase,
     *,
     path: str,
-    body: dict[str, Any],
+    raw: bytes,
     stream: bool,
 ) -> Response:
     rec.model = req.model
@@ -183,7 +200,7 @@ async def _forward(
     check_keep_alive(req.keep_alive)
     asked = req.model
     if not stream:
-        content = await until_disconnected(request, _whole(state, rec, req, path, body))
+        content = await until_disconnected(request, _whole(state, rec, req, path, raw))
         return json_response(_rename(content, asked), record=rec)
 
     async def open_upstream() -> tuple[AsyncExitStack, RunnerStream]:
@@ -195,7 +212,7 @@ async def _forward(
                 )
             )
             rec.took(lease)
-            body["model"] = lease.entry.name
+            body = _runner_body(req, raw, lease.entry.name, _EXTENSIONS)
             upstream = await RunnerStream.open(lease, path, body)
             stack.push_async_callback(upstream.aclose)
             return stack, upstream

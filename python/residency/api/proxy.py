@@ -57,7 +57,7 @@ def json_response(
     client need not wait for."""
     # pydantic-core's serializer: one Rust call, no jsonable_encoder pass.
     body = data if isinstance(data, bytes) else to_json(data)
-    background = BackgroundTask(record.finish, status) if record is not None else None
+    background = BackgroundTask(_finish, record, status) if record is not None else None
     return Response(
         body,
         status_code=status,
@@ -65,6 +65,12 @@ def json_response(
         media_type="application/json",
         background=background,
     )
+
+
+async def _finish(record: RequestRecord, status: int) -> None:
+    # A coroutine: Starlette runs a plain function given as a background task in a worker thread,
+    # a thread handoff per request.
+    record.finish(status)
 
 
 async def read_body(request: Request) -> bytes:
@@ -119,10 +125,18 @@ def _runner_error(lease: LeaseLike, status: int, content: bytes) -> Exception:
     )
 
 
-async def post_json(lease: LeaseLike, path: str, body: Mapping[str, Any]) -> bytes:
+Body = Mapping[str, Any] | bytes
+"""A runner request's JSON body: a mapping, or bytes already encoded (a client's, passed on)."""
+
+
+def _encoded(body: Body) -> bytes:
+    return body if isinstance(body, bytes) else to_json(body)
+
+
+async def post_json(lease: LeaseLike, path: str, body: Body) -> bytes:
     """POSTs `body` to the runner; returns its JSON answer's bytes or raises in our shape."""
     try:
-        resp = await lease.client.post(path, to_json(body), headers=_JSON_HEADERS)
+        resp = await lease.client.post(path, _encoded(body), headers=_JSON_HEADERS)
     except TransportError as err:
         raise runner_failure(lease, err) from err
     if resp.status >= 400:
@@ -130,14 +144,14 @@ async def post_json(lease: LeaseLike, path: str, body: Mapping[str, Any]) -> byt
     return resp.content
 
 
-async def open_stream(lease: LeaseLike, path: str, body: Mapping[str, Any]) -> StreamResponse:
+async def open_stream(lease: LeaseLike, path: str, body: Body) -> StreamResponse:
     """Starts a streamed request; returns once the runner answered with a success status.
 
     The caller owns the response and must ``aclose()`` it (closing it mid-stream tells the runner
     to stop generating).
     """
     try:
-        resp = await lease.client.stream("POST", path, body=to_json(body), headers=_SSE_HEADERS)
+        resp = await lease.client.stream("POST", path, body=_encoded(body), headers=_SSE_HEADERS)
     except TransportError as err:
         raise runner_failure(lease, err) from err
     if resp.status >= 400:
@@ -231,7 +245,7 @@ class RunnerStream:
         self._first: Event | None = None
 
     @classmethod
-    async def open(cls, lease: LeaseLike, path: str, body: Mapping[str, Any]) -> RunnerStream:
+    async def open(cls, lease: LeaseLike, path: str, body: Body) -> RunnerStream:
         response = await open_stream(lease, path, body)
         stream = cls(response, sse_events(lease, response))
         try:

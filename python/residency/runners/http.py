@@ -52,10 +52,11 @@ class _Connection(asyncio.Protocol):
         #: Taken from the idle pool: a failure before any answer may be a stale keep-alive.
         self.reused = False
         self._loop = asyncio.get_running_loop()
+        # One parser for the connection's life: llhttp reads kept-alive answers back to back.
+        self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: dict[str, str] = {}
         self.headers_done = False
