@@ -12,6 +12,7 @@ import pytest
 
 from api_fakes import FakeRunner, FakeScheduler, ndjson, serving, sse
 from residency.api import create_app
+from residency.api.proxy import WATCH_DISCONNECT_AFTER_S
 from residency.config import Settings
 from residency.errors import (
     InvalidArgumentError,
@@ -293,6 +294,21 @@ async def test_disconnect_while_waiting_for_the_model_leaves_the_queue() -> None
         assert sched.refcount == 0
         assert runner.requests == []  # the runner never heard of it
         assert not any(m["type"] == "http.response.start" for m in client.messages)
+
+
+async def test_a_client_gone_at_once_is_noticed_once_watching_starts() -> None:
+    runner = FakeRunner()
+    app, sched = await _raw(runner)
+    sched.acquire_delay_s = 30
+    async with app.router.lifespan_context(app):
+        client = RawClient(app)
+        client.gone.set()  # gone before the request even waits for its model
+        t0 = time.monotonic()
+        await asyncio.wait_for(client.post("/v1/chat/completions", OPENAI_CHAT), 2)
+        # Watching starts WATCH_DISCONNECT_AFTER_S in; the queue slot is freed right then.
+        assert WATCH_DISCONNECT_AFTER_S <= time.monotonic() - t0 < WATCH_DISCONNECT_AFTER_S + 0.5
+        assert sched.refcount == 0
+        assert runner.requests == []
 
 
 async def test_disconnect_during_a_non_streamed_generation_releases() -> None:
