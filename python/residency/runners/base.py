@@ -170,6 +170,9 @@ class Runner(ABC):
             raise RunnerError(
                 f"cannot start the {self.kind} runner for {self.spec.name!r} ({argv[0]}): {err}"
             ) from None
+        except BaseException:  # cancelled while spawning: no descriptor may leak
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         self._pgid = self._proc.pid  # session leader: pgid == pid
