@@ -445,6 +445,27 @@ def test_openapi_schema_is_served(server: Server) -> None:
     assert 'residency_cold_requests_total{model="gemma3:270m"}' in metrics
 
 
+def test_an_idle_connection_is_kept_past_uvicorns_default(server: Server) -> None:
+    """Idle client connections stay open for a minute (uvicorn's default is 5 s): a client that
+    reuses one just as the server closes it gets a reset instead of an answer."""
+    request = b"GET /api/version HTTP/1.1\r\nhost: residency\r\n\r\n"
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        answers = []
+        for pause in (0, 6):
+            time.sleep(pause)
+            sock.sendall(request)
+            answer = sock.recv(65536)
+            while b"\r\n\r\n" not in answer:  # the head and body come in one write
+                more = sock.recv(65536)
+                assert more, "the server closed the idle connection"
+                answer += more
+            answers.append(answer)
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+        assert b'"version"' in answer
+
+
 def test_zz_graceful_shutdown_leaves_no_runner(server: Server) -> None:
     pids = server.note_runners()
     assert pids, "a runner should be resident before shutdown"

@@ -20,6 +20,10 @@ log = logging.getLogger("residency.server")
 
 #: Seconds that requests in flight get to finish after SIGTERM before their connections close.
 GRACEFUL_SHUTDOWN_S = 10
+#: Seconds an idle client connection stays open. uvicorn's 5 s default races clients that reuse
+#: a connection after a pause (a reset instead of an answer); Ollama never closes idle ones.
+#: A minute and a bit: longer than the 60 s that reverse proxies usually keep theirs idle.
+IDLE_CONNECTION_S = 75
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +67,7 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
     import uvicorn
 
     from residency.api import create_app
+    from residency.api.protocol import HttpProtocol
     from residency.scheduler import Scheduler
 
     # Built here, not in the lifespan: a bad model file fails with a clear message before
@@ -77,7 +82,9 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
         log_level=log_level,
         access_log=False,  # residency.access logs one richer line per request
         lifespan="on",
+        http=HttpProtocol,  # httptools, each response's head and body in one write
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_keep_alive=IDLE_CONNECTION_S,
         server_header=False,
     )
     server = uvicorn.Server(config)
