@@ -189,6 +189,8 @@ class Scheduler:
         self._instances: dict[str, _Instance] = {}
         #: Estimated bytes per (model, options): estimating reads the GGUF, once.
         self._estimates: dict[tuple[str, LoadOptions], int] = {}
+        #: Each model's options when a request sets none (the usual case), worked out once.
+        self._default_options: dict[str, LoadOptions] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.Task[None] | None = None
@@ -427,6 +429,12 @@ class Scheduler:
         and how long the request queued."""
         core = self.core
         key = entry.name
+        inst = self._instances.get(key)
+        if inst is not None and not inst.closing and inst.options.satisfies(want):
+            # Resident already (the usual case): no estimate needed, nothing to wait for.
+            now = self._clock.now_ns()
+            core.acquire(key, now)
+            return inst, False, now - t0
         # Estimating can take a while (it reads the GGUF): done before each decision, in a thread,
         # so that the decision itself runs without an await (atomic on the loop).
         needed, gpu_layers = await self._needed(entry, want)
@@ -860,8 +868,16 @@ class Scheduler:
 
     # ---- options and keep-alive ----------------------------------------------------------------
     def _options(self, entry: ModelEntry, options: Mapping[str, Any] | None) -> LoadOptions:
+        if not options:
+            default = self._default_options.get(entry.name)
+            if default is None:
+                default = self._default_options[entry.name] = self._options_from(entry, {})
+            return default
+        return self._options_from(entry, options)
+
+    def _options_from(self, entry: ModelEntry, options: Mapping[str, Any]) -> LoadOptions:
         cfg = entry.config
-        opts = dict(options or {})
+        opts = dict(options)
         ctx = _opt_int(opts, ("ctx", "num_ctx")) or cfg.ctx
         if ctx is None:
             ctx = self.settings.default_ctx
