@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from pydantic_core import from_json, to_json
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -28,6 +27,7 @@ from residency.runners.http import StreamResponse, TransportError
 
 __all__ = [
     "ClientDisconnected",
+    "JSONBytes",
     "LeasedStream",
     "RunnerStream",
     "json_response",
@@ -45,6 +45,56 @@ _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json
 _SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
 
+class JSONBytes(Response):
+    """An encoded JSON body, sent as two ASGI messages; with a record, it finishes the record once
+    the answer is out (its log line costs ~0.2 ms on a slow core, which the client need not wait
+    for).
+
+    Starlette's Response would do the same through a BackgroundTask, its header rendering and a
+    generic __call__: ~40 µs more per request on a cache-cold core, with nothing to show for it.
+    """
+
+    media_type = "application/json"
+
+    def __init__(
+        self,
+        body: bytes,
+        status: int = 200,
+        headers: Mapping[str, str] | None = None,
+        *,
+        record: RequestRecord | None = None,
+    ) -> None:
+        self.body = body
+        self.status_code = status
+        self.background = None
+        self.raw_headers = [
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", b"application/json"),
+        ]
+        if headers:
+            self.raw_headers += [
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+            ]
+        self._record = record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": self.body})
+        except BaseException:
+            if self._record is not None:
+                self._record.finish("disconnected")
+            raise
+        if self._record is not None:
+            self._record.finish(self.status_code)
+
+
 def json_response(
     data: Any,
     status: int = 200,
@@ -52,25 +102,10 @@ def json_response(
     *,
     record: RequestRecord | None = None,
 ) -> Response:
-    """`data` as JSON (bytes pass through: already encoded). With `record`, the request's record
-    is finished once the answer is sent: its log line costs ~0.2 ms on a slow core, which the
-    client need not wait for."""
+    """`data` as JSON (bytes pass through: already encoded); see JSONBytes for `record`."""
     # pydantic-core's serializer: one Rust call, no jsonable_encoder pass.
     body = data if isinstance(data, bytes) else to_json(data)
-    background = BackgroundTask(_finish, record, status) if record is not None else None
-    return Response(
-        body,
-        status_code=status,
-        headers=headers,
-        media_type="application/json",
-        background=background,
-    )
-
-
-async def _finish(record: RequestRecord, status: int) -> None:
-    # A coroutine: Starlette runs a plain function given as a background task in a worker thread,
-    # a thread handoff per request.
-    record.finish(status)
+    return JSONBytes(body, status, headers, record=record)
 
 
 async def read_body(request: Request) -> bytes:
