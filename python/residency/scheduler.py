@@ -429,15 +429,8 @@ class Scheduler:
         and how long the request queued."""
         core = self.core
         key = entry.name
-        inst = self._instances.get(key)
-        if inst is not None and not inst.closing and inst.options.satisfies(want):
-            # Resident already (the usual case): no estimate needed, nothing to wait for.
-            now = self._clock.now_ns()
-            core.acquire(key, now)
-            return inst, False, now - t0
-        # Estimating can take a while (it reads the GGUF): done before each decision, in a thread,
-        # so that the decision itself runs without an await (atomic on the loop).
-        needed, gpu_layers = await self._needed(entry, want)
+        # Only a load needs the estimate: a warm hit (the usual case) never looks it up.
+        estimate: tuple[int, int] | None = None
         while True:
             if self._closed:
                 raise ResidencyError("the scheduler is shutting down")
@@ -462,6 +455,12 @@ class Scheduler:
             if inst is not None:  # being stopped: wait until it is gone
                 await changed.wait()
                 continue
+            if estimate is None:
+                # Estimating can take a while (it reads the GGUF, in a thread): the state may
+                # change meanwhile, so decide again afterwards, without an await in between.
+                estimate = await self._needed(entry, want)
+                continue
+            needed, gpu_layers = estimate
             decision = core.admit(key, needed, now, ka_ns)
             if decision.outcome == AdmitOutcome.LOAD:
                 device = decision.device or HOST_DEVICE
@@ -489,7 +488,7 @@ class Scheduler:
             if decision.outcome == AdmitOutcome.TOO_LARGE:
                 partial = await self._partial_offload(entry, want, needed, gpu_layers)
                 if partial is not None:
-                    needed, gpu_layers = partial
+                    estimate = partial
                     continue
                 raise ModelTooLargeError(
                     f"model {key!r} needs {_gib(needed)} with context {want.ctx}, which fits on no "
