@@ -25,6 +25,7 @@ from residency.api import create_app
 from residency.config import Settings
 from residency.errors import ModelNotFoundError
 from residency.runners.http import RunnerClient
+from residency.runners.protocol import RunnerApi
 
 RUNNER_MODEL = "runner-internal-name"
 
@@ -62,8 +63,8 @@ class FakeLease:
     runner: FakeRunner | None = None
 
     @property
-    def base_url(self) -> str:
-        return self.client.base_url
+    def api(self) -> RunnerApi:
+        return RunnerApi(self.client, name=self.entry.name, output_tail=self.output_tail)
 
     def output_tail(self) -> str:
         return "\n".join(self.runner.output if self.runner else ["fake runner: last words"])
@@ -102,6 +103,9 @@ class FakeRunner:
     #: End the stream (without [DONE]) after this many tokens, printing this traceback line.
     cut_after: int | None = None
     cut_line: str = "ValueError: Requested tokens (3003) exceed context window of 1024"
+    #: (status, body) to answer unstreamed completions with: llama-cpp-python refuses an over-long
+    #: prompt so when unstreamed, but answers a stream 200 and cuts it short (see `cut_after`).
+    unstreamed_error: tuple[int, Any] | None = None
     #: Break the stream with an error event after this many tokens.
     fail_after: int | None = None
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -142,6 +146,9 @@ class FakeRunner:
                 headers={"content-type": "text/event-stream"},
                 content=self._stream(chat),
             )
+        if self.unstreamed_error is not None:
+            status, payload = self.unstreamed_error
+            return httpx.Response(status, json=payload)
         text = "".join(self.tokens)
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish_reason}
         if chat:

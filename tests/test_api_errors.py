@@ -328,16 +328,30 @@ async def test_disconnect_during_a_non_streamed_generation_releases() -> None:
 
 
 async def test_stream_cut_short_by_the_runner_is_an_error() -> None:
-    # llama-cpp-python answers 200, then fails (prompt over the context) and closes the stream.
-    async with serving(FakeRunner(cut_after=0)) as s:
+    # llama-cpp-python answers 200, then fails (prompt over the context) and closes the stream,
+    # printing why only to its log; asked the same unstreamed, it answers 400 with the reason.
+    refusal = (400, {"error": {"message": "Requested tokens (3003) exceed context window of 1024"}})
+    async with serving(FakeRunner(cut_after=0, unstreamed_error=refusal)) as s:
         r = await s.client.post("/api/chat", json=OLLAMA_CHAT)
         assert_ollama_error(r, 400, "exceed context window of 1024")
         r = await s.client.post("/api/chat", json={**OLLAMA_CHAT, "stream": True})
         assert_ollama_error(r, 400, "exceed context window")  # nothing was streamed yet
+        path, asked_again = s.runner.requests[-1]
+        assert (path, asked_again["stream"], asked_again["max_tokens"]) == (
+            "/v1/chat/completions",
+            False,
+            1,
+        )
+    # Cut before its first event with nothing to refuse: the runner broke (its log is not read).
+    async with serving(FakeRunner(cut_after=0)) as s:
+        r = await s.client.post("/api/chat", json=OLLAMA_CHAT)
+        assert_ollama_error(r, 502, "ended its stream without finishing")
     runner = FakeRunner(cut_after=2, cut_line="RuntimeError: llama_decode returned -3")
     async with serving(runner) as s:
         r = await s.client.post("/api/chat", json={**OLLAMA_CHAT, "stream": True})
         lines = ndjson(r.text)
-        assert "ended its stream without finishing: RuntimeError" in lines[-1]["error"]
+        assert "ended its stream without finishing" in lines[-1]["error"]
         r = await s.client.post("/v1/chat/completions", json={**OPENAI_CHAT, "stream": True})
-        assert "llama_decode returned -3" in sse(r.text)[-1]["error"]["message"]
+        assert "llama_decode returned -3" in sse(r.text)[-1]["error"]["message"]  # output tail
+        r = await s.client.post("/api/chat", json=OLLAMA_CHAT)  # cut mid-answer, unstreamed
+        assert_ollama_error(r, 502, "ended its stream without finishing")

@@ -47,6 +47,7 @@ from residency.memory import DeviceInfo, MemoryProbe, discover_devices, open_pro
 from residency.registry import ModelEntry, Registry
 from residency.runners import LaunchSpec, Runner, runner_class
 from residency.runners.http import RunnerClient
+from residency.runners.protocol import RunnerApi
 from residency.watcher import RecoveryOutcome, Watcher
 
 __all__ = [
@@ -118,6 +119,11 @@ class Lease:
     ctx: int
     device: str
     runner: Runner = field(repr=False)
+
+    @property
+    def api(self) -> RunnerApi:
+        """The runner's protocol: what the API layer uses (never the process or its socket)."""
+        return self.runner.api
 
     def output_tail(self, lines: int = 40) -> str:
         """The runner's last output lines, for error messages."""

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from residency.runners.http import RunnerClient
+from residency.runners.protocol import RunnerApi
 
 __all__ = ["EntryLike", "LeaseLike", "ResidentLike", "SchedulerLike"]
 
@@ -39,23 +39,21 @@ class EntryLike(Protocol):
 
 
 class LeaseLike(Protocol):
-    """One request's hold on a loaded model (residency.scheduler.Lease)."""
+    """One request's hold on a loaded model (residency.scheduler.Lease): the runner's protocol
+    and the lease's timings — never the runner's process or socket."""
 
     @property
     def model(self) -> str: ...
     @property
     def entry(self) -> EntryLike: ...
     @property
-    def base_url(self) -> str: ...
-    @property
-    def client(self) -> RunnerClient: ...
+    def api(self) -> RunnerApi: ...
     @property
     def cold(self) -> bool: ...
     @property
     def load_duration_ns(self) -> int: ...
     @property
     def queue_duration_ns(self) -> int: ...
-    def output_tail(self) -> str: ...
 
 
 class ResidentLike(Protocol):

@@ -28,6 +28,7 @@ from residency.errors import (
     ServerBusyError,
     UnknownModelError,
 )
+from residency.runners.protocol import RunnerRejected
 
 __all__ = [
     "ApiError",
@@ -106,6 +107,9 @@ def api_error(exc: BaseException) -> ApiError:
         return ApiError(503, str(exc), code="server_busy", headers={"Retry-After": str(retry)})
     if isinstance(exc, InvalidArgumentError):
         return ApiError(400, str(exc), code="invalid_argument")
+    if isinstance(exc, RunnerRejected):
+        # The runner refused the request itself (context exceeded, bad field): the client's.
+        return ApiError(400, exc.message, code="invalid_request")
     if isinstance(exc, RunnerError):
         return ApiError(502, str(exc), code="runner_error")
     if isinstance(exc, ModelTooLargeError):

@@ -9,28 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
-from pydantic_core import from_json, to_json
+from pydantic_core import to_json
 from starlette.responses import PlainTextResponse, Response
 
 from residency import __version__
 from residency.api._types import EntryLike, LeaseLike, ResidentLike
-from residency.api.errors import ApiError, api_error
+from residency.api.errors import ApiError
 from residency.api.metrics import RequestRecord
-from residency.api.proxy import (
-    LeasedStream,
-    RunnerStream,
-    json_response,
-    now_ns,
-    post_json,
-    read_body,
-    until_disconnected,
-)
+from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
+from residency.api.proxy import json_response, now_ns, read_body
 from residency.api.schemas import (
     ChatRequest,
     EmbeddingsRequest,
@@ -38,23 +29,16 @@ from residency.api.schemas import (
     GenerateRequest,
     ShowRequest,
 )
-from residency.api.state import (
-    ApiState,
-    State,
-    api_state,
-    body_schema,
-    check_keep_alive,
-    direct,
-)
+from residency.api.state import State, api_state, body_schema, check_keep_alive
 from residency.api.translate import (
     Generation,
     chat_body,
     generate_body,
-    pooled,
     rfc3339_now,
     split_options,
 )
 from residency.gguf_header import read_header
+from residency.runners.protocol import Body
 
 __all__ = ["router"]
 
@@ -70,65 +54,38 @@ _FOREVER_NS = 2**63 - 1
 
 
 @router.post("/api/generate", openapi_extra=body_schema(GenerateRequest))
-@direct
-async def generate(request: Request) -> Response:
+@endpoint("ollama", "/api/generate")
+async def generate(call: Call) -> Response:
     """Completes a prompt (templated as a chat turn unless ``raw``)."""
-    state = api_state(request)
-    rec = state.record("ollama", "/api/generate")
-    try:
-        req = GenerateRequest.model_validate_json(await read_body(request))
-        if not req.prompt and not req.images and not req.suffix:
-            return await _load_or_unload(request, state, rec, req, chat=False)
-        path, body = generate_body(req, req.model)
-        return await _generation(request, state, rec, req, path=path, body=body, chat=False)
-    except BaseException as err:
-        rec.fail(err)
-        raise
+    req = GenerateRequest.model_validate_json(await call.body())
+    if not req.prompt and not req.images and not req.suffix:
+        return await _load_or_unload(call, req, chat=False)
+    path, body = generate_body(req, req.model)
+    return await _generation(call, req, path=path, body=body, chat=False)
 
 
 @router.post("/api/chat", openapi_extra=body_schema(ChatRequest))
-@direct
-async def chat(request: Request) -> Response:
+@endpoint("ollama", "/api/chat")
+async def chat(call: Call) -> Response:
     """The next assistant message of a conversation."""
-    state = api_state(request)
-    rec = state.record("ollama", "/api/chat")
-    try:
-        req = ChatRequest.model_validate_json(await read_body(request))
-        if not req.messages:
-            return await _load_or_unload(request, state, rec, req, chat=True)
-        body = chat_body(req, req.model)
-        return await _generation(
-            request, state, rec, req, path="/v1/chat/completions", body=body, chat=True
-        )
-    except BaseException as err:
-        rec.fail(err)
-        raise
+    req = ChatRequest.model_validate_json(await call.body())
+    if not req.messages:
+        return await _load_or_unload(call, req, chat=True)
+    body = chat_body(req, req.model)
+    return await _generation(call, req, path="/v1/chat/completions", body=body, chat=True)
 
 
 async def _load_or_unload(
-    request: Request,
-    state: ApiState,
-    rec: RequestRecord,
-    req: GenerateRequest | ChatRequest,
-    *,
-    chat: bool,
+    call: Call, req: GenerateRequest | ChatRequest, *, chat: bool
 ) -> Response:
-    rec.model = req.model
-    keep_alive_ns = check_keep_alive(req.keep_alive)
-    sched = state.scheduler
-    if keep_alive_ns == 0:
+    call.admit(req.model, req.keep_alive)
+    sched = call.state.scheduler
+    if check_keep_alive(req.keep_alive) == 0:
         await sched.unload(sched.resolve(req.model).name)
         reason = "unload"
     else:
         _, load_options = split_options(req.options)
-
-        async def load() -> None:
-            async with sched.session(
-                req.model, keep_alive=req.keep_alive, options=load_options
-            ) as lease:
-                rec.took(lease)
-
-        await until_disconnected(request, load())
+        await call.load(req.model, req.keep_alive, load_options)
         reason = "load"
     out: dict[str, Any] = {"model": req.model, "created_at": rfc3339_now()}
     if chat:
@@ -137,99 +94,77 @@ async def _load_or_unload(
         out["response"] = ""
     out["done"] = True
     out["done_reason"] = reason
-    return json_response(out, record=rec)
+    return call.respond(out)
 
 
 async def _generation(
-    request: Request,
-    state: ApiState,
-    rec: RequestRecord,
+    call: Call,
     req: GenerateRequest | ChatRequest,
     *,
     path: str,
     body: dict[str, Any],
     chat: bool,
 ) -> Response:
-    rec.model = req.model
-    check_keep_alive(req.keep_alive)
-    _, load_options = split_options(req.options)
     stream = req.stream is not False
-    rec.stream = stream
-    sched = state.scheduler
+    call.admit(req.model, req.keep_alive, stream=stream)
+    _, load_options = split_options(req.options)
     asked = req.model
+    rec = call.rec
 
-    async def open_upstream() -> tuple[AsyncExitStack, LeaseLike, RunnerStream, int]:
-        stack = AsyncExitStack()
-        try:
-            lease = await stack.enter_async_context(
-                sched.session(asked, keep_alive=req.keep_alive, options=load_options)
-            )
-            rec.took(lease)
-            body["model"] = lease.entry.name
-            t_sent = now_ns()
-            upstream = await RunnerStream.open(lease, path, body)
-            stack.push_async_callback(upstream.aclose)
-            return stack, lease, upstream, t_sent
-        except BaseException:
-            await stack.aclose()
-            raise
+    def opening() -> Awaitable[Upstream]:
+        return call.open_stream(asked, req.keep_alive, load_options, path, _named(body))
 
     if not stream:
 
         async def whole() -> dict[str, Any]:
-            stack, lease, upstream, t_sent = await open_upstream()
-            async with stack:
-                gen = Generation(t_sent)
+            upstream = await opening()
+            try:
+                gen = Generation(upstream.t_sent)
                 async for event, at in upstream:
                     gen.feed(event, at)
-            return _final(asked, gen, rec, lease, chat=chat, whole=True)
+            finally:
+                await upstream.aclose()
+            return _final(asked, gen, rec, upstream.lease, chat=chat, whole=True)
 
-        out = await until_disconnected(request, whole())
-        return json_response(out, record=rec)
+        return call.respond(await call.until_disconnected(whole()))
 
-    stack, lease, upstream, t_sent = await until_disconnected(request, open_upstream())
+    upstream = await call.until_disconnected(opening())
 
     async def lines() -> AsyncIterator[bytes]:
-        gen = Generation(t_sent)
-        try:
-            async for event, at in upstream:
-                text, think = gen.feed(event, at)
-                if not (text or think):
-                    continue
-                piece: dict[str, Any] = {"model": asked, "created_at": rfc3339_now()}
-                if chat:
-                    msg: dict[str, Any] = {"role": "assistant", "content": text}
-                    if think:
-                        msg["thinking"] = think
-                    piece["message"] = msg
-                else:
-                    piece["response"] = text
-                    if think:
-                        piece["thinking"] = think
-                piece["done"] = False
-                yield to_json(piece) + _NL
-            if chat and gen.tool_calls():
-                calls = {
-                    "model": asked,
-                    "created_at": rfc3339_now(),
-                    "message": {"role": "assistant", "content": "", "tool_calls": gen.tool_calls()},
-                    "done": False,
-                }
-                yield to_json(calls) + _NL
-            yield to_json(_final(asked, gen, rec, lease, chat=chat, whole=False)) + _NL
-        except Exception as err:
-            # Headers are gone: the error becomes the stream's last line, as Ollama does it.
-            e = api_error(err)
-            rec.error = e.message
-            yield to_json({"error": e.message}) + _NL
+        gen = Generation(upstream.t_sent)
+        async for event, at in upstream:
+            text, think = gen.feed(event, at)
+            if not (text or think):
+                continue
+            piece: dict[str, Any] = {"model": asked, "created_at": rfc3339_now()}
+            if chat:
+                msg: dict[str, Any] = {"role": "assistant", "content": text}
+                if think:
+                    msg["thinking"] = think
+                piece["message"] = msg
+            else:
+                piece["response"] = text
+                if think:
+                    piece["thinking"] = think
+            piece["done"] = False
+            yield to_json(piece) + _NL
+        if chat and gen.tool_calls():
+            calls = {
+                "model": asked,
+                "created_at": rfc3339_now(),
+                "message": {"role": "assistant", "content": "", "tool_calls": gen.tool_calls()},
+                "done": False,
+            }
+            yield to_json(calls) + _NL
+        yield to_json(_final(asked, gen, rec, upstream.lease, chat=chat, whole=False)) + _NL
 
-    async def cleanup(error: BaseException | None) -> None:
-        try:
-            await stack.aclose()
-        finally:
-            rec.end_stream(error)
-
-    return LeasedStream(lines(), cleanup=cleanup, media_type=NDJSON)
+    # Headers are gone once streaming: an error becomes the stream's last line, as Ollama does it.
+    return call.respond_stream(
+        upstream,
+        lines(),
+        error_chunk=lambda e: to_json({"error": e.message}) + _NL,
+        media_type=NDJSON,
+    )
 
 
 def _final(
@@ -264,102 +199,53 @@ def _final(
 
 
 @router.post("/api/embed", openapi_extra=body_schema(EmbedRequest))
-@direct
-async def embed(request: Request) -> Response:
+@endpoint("ollama", "/api/embed")
+async def embed(call: Call) -> Response:
     """Embeddings for one text or many, L2-normalised as Ollama returns them."""
-    state = api_state(request)
-    rec = state.record("ollama", "/api/embed")
-    try:
-        req = EmbedRequest.model_validate_json(await read_body(request))
-        rec.model = req.model
-        check_keep_alive(req.keep_alive)
-        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
-        inputs = [text for text in inputs if text]
-        vectors, prompt_tokens, lease_load = await until_disconnected(
-            request,
-            _embeddings(
-                state,
-                rec,
-                model=req.model,
-                keep_alive=req.keep_alive,
-                options=req.options,
-                inputs=inputs,
-            ),
+    req = EmbedRequest.model_validate_json(await call.body())
+    call.admit(req.model, req.keep_alive)
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    inputs = [text for text in inputs if text]
+    out: dict[str, Any] = {"model": req.model, "embeddings": []}
+    load_options = split_options(req.options)[1]
+    if not inputs:  # only load the model
+        load_ns = await call.load(req.model, req.keep_alive, load_options)
+    else:
+        body = {"model": req.model, "input": inputs}
+        result, load_ns = await call.embed(
+            req.model, req.keep_alive, load_options, body=_named(body)
         )
-        if vectors:
-            matrix = np.asarray(vectors, dtype=np.float64)
-            if req.dimensions:
-                matrix = matrix[:, : req.dimensions]
-            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-            matrix = matrix / np.where(norms == 0, 1.0, norms)
-            vectors = matrix.tolist()
-        out: dict[str, Any] = {"model": req.model, "embeddings": vectors}
-        out["total_duration"] = now_ns() - rec.t_start
-        out["load_duration"] = lease_load
-        if prompt_tokens is not None:
-            out["prompt_eval_count"] = prompt_tokens
-        return json_response(out, record=rec)
-    except BaseException as err:
-        rec.fail(err)
-        raise
+        out["embeddings"] = shaped_embeddings(result.vectors, req.dimensions, normalise=True)
+    out["total_duration"] = now_ns() - call.rec.t_start
+    out["load_duration"] = load_ns
+    if inputs and result.prompt_tokens is not None:
+        out["prompt_eval_count"] = result.prompt_tokens
+    return call.respond(out)
 
 
 @router.post("/api/embeddings", openapi_extra=body_schema(EmbeddingsRequest))
-@direct
-async def embeddings(request: Request) -> Response:
+@endpoint("ollama", "/api/embeddings")
+async def embeddings(call: Call) -> Response:
     """The legacy single-text endpoint: ``{"embedding": [...]}``, not normalised."""
-    state = api_state(request)
-    rec = state.record("ollama", "/api/embeddings")
-    try:
-        req = EmbeddingsRequest.model_validate_json(await read_body(request))
-        rec.model = req.model
-        check_keep_alive(req.keep_alive)
-        inputs = [req.prompt] if req.prompt else []
-        vectors, _, _ = await until_disconnected(
-            request,
-            _embeddings(
-                state,
-                rec,
-                model=req.model,
-                keep_alive=req.keep_alive,
-                options=req.options,
-                inputs=inputs,
-            ),
-        )
-        return json_response({"embedding": vectors[0] if vectors else []}, record=rec)
-    except BaseException as err:
-        rec.fail(err)
-        raise
+    req = EmbeddingsRequest.model_validate_json(await call.body())
+    call.admit(req.model, req.keep_alive)
+    load_options = split_options(req.options)[1]
+    if not req.prompt:  # only load the model
+        await call.load(req.model, req.keep_alive, load_options)
+        return call.respond({"embedding": []})
+    body = {"model": req.model, "input": [req.prompt]}
+    result, _ = await call.embed(req.model, req.keep_alive, load_options, body=_named(body))
+    return call.respond({"embedding": result.vectors[0] if result.vectors else []})
 
 
-async def _embeddings(
-    state: ApiState,
-    rec: RequestRecord,
-    *,
-    model: str,
-    keep_alive: str | float | None,
-    options: Mapping[str, Any] | None,
-    inputs: list[str],
-) -> tuple[list[list[float]], int | None, int]:
-    """(vectors in input order, prompt tokens, load_duration); no inputs = just load the model."""
-    _, load_options = split_options(options)
-    async with state.scheduler.session(model, keep_alive=keep_alive, options=load_options) as lease:
-        rec.took(lease)
-        if not inputs:
-            return [], None, lease.load_duration_ns
-        content = await post_json(
-            lease, "/v1/embeddings", {"model": lease.entry.name, "input": inputs}
-        )
-    data = from_json(content)
-    rows = sorted(data.get("data") or (), key=lambda d: d.get("index", 0))
-    vectors = [pooled(row["embedding"]) for row in rows]
-    usage = data.get("usage") or {}
-    prompt_tokens = usage.get("prompt_tokens")
-    return (
-        vectors,
-        (int(prompt_tokens) if prompt_tokens is not None else None),
-        (lease.load_duration_ns),
-    )
+def _named(body: dict[str, Any]) -> Callable[[LeaseLike], Body]:
+    """`body` under the name the runner knows the leased model by."""
+
+    def named(lease: LeaseLike) -> Body:
+        body["model"] = lease.entry.name
+        return body
+
+    return named
 
 
 # ---- models ----------------------------------------------------------------------------------

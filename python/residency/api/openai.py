@@ -8,41 +8,26 @@ OpenAI lacks), ``encoding_format: "base64"`` for embeddings, and errors in OpenA
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic_core import from_json, to_json
 from starlette.responses import Response
 
-from residency.api.errors import api_error, error_body
-from residency.api.metrics import RequestRecord
-from residency.api.proxy import (
-    Body,
-    LeasedStream,
-    RunnerStream,
-    json_response,
-    post_json,
-    read_body,
-    until_disconnected,
-)
+from residency.api._types import LeaseLike
+from residency.api.errors import error_body
+from residency.api.pipeline import Call, endpoint, shaped_embeddings
+from residency.api.proxy import json_response
 from residency.api.schemas import (
     OpenAIChatRequest,
     OpenAICompletionRequest,
     OpenAIEmbeddingRequest,
     _OpenAIBase,
 )
-from residency.api.state import (
-    ApiState,
-    State,
-    api_state,
-    body_schema,
-    check_keep_alive,
-    direct,
-)
-from residency.api.translate import pooled
+from residency.api.state import State, body_schema
+from residency.runners.protocol import Body
 
 __all__ = ["router"]
 
@@ -56,67 +41,42 @@ _DONE = b"data: [DONE]\n\n"
 
 
 @router.post("/chat/completions", openapi_extra=body_schema(OpenAIChatRequest))
-@direct
-async def chat_completions(request: Request) -> Response:
-    state = api_state(request)
-    rec = state.record("openai", "/v1/chat/completions")
-    try:
-        raw = await read_body(request)
-        req = OpenAIChatRequest.model_validate_json(raw)
-        path = "/v1/chat/completions"
-        return await _forward(request, state, rec, req, path=path, raw=raw, stream=req.stream)
-    except BaseException as err:
-        rec.fail(err)
-        raise
+@endpoint("openai", "/v1/chat/completions")
+async def chat_completions(call: Call) -> Response:
+    raw = await call.body()
+    req = OpenAIChatRequest.model_validate_json(raw)
+    return await _forward(call, req, path="/v1/chat/completions", raw=raw, stream=req.stream)
 
 
 @router.post("/completions", openapi_extra=body_schema(OpenAICompletionRequest))
-@direct
-async def completions(request: Request) -> Response:
-    state = api_state(request)
-    rec = state.record("openai", "/v1/completions")
-    try:
-        raw = await read_body(request)
-        req = OpenAICompletionRequest.model_validate_json(raw)
-        path = "/v1/completions"
-        return await _forward(request, state, rec, req, path=path, raw=raw, stream=req.stream)
-    except BaseException as err:
-        rec.fail(err)
-        raise
+@endpoint("openai", "/v1/completions")
+async def completions(call: Call) -> Response:
+    raw = await call.body()
+    req = OpenAICompletionRequest.model_validate_json(raw)
+    return await _forward(call, req, path="/v1/completions", raw=raw, stream=req.stream)
 
 
 @router.post("/embeddings", openapi_extra=body_schema(OpenAIEmbeddingRequest))
-@direct
-async def embeddings(request: Request) -> Response:
-    state = api_state(request)
-    rec = state.record("openai", "/v1/embeddings")
-    try:
-        raw = await read_body(request)
-        req = OpenAIEmbeddingRequest.model_validate_json(raw)
-        # The runner returns floats; base64 is encoded here (little-endian float32, as OpenAI).
-        content = await until_disconnected(
-            request, _whole(state, rec, req, "/v1/embeddings", raw, ours=_EXTENSIONS_B64)
-        )
-        data = from_json(content)
-        data["model"] = req.model
-        dims = req.dimensions
-        for item in data.get("data") or ():
-            vector = item.get("embedding")
-            if not isinstance(vector, list):
-                continue
-            vector = item["embedding"] = pooled(vector)
-            if dims and len(vector) > dims:
-                v = np.asarray(vector[:dims], dtype=np.float64)
-                norm = float(np.linalg.norm(v))
-                vector = (v / norm if norm else v).tolist()
-                item["embedding"] = vector
-            if req.encoding_format == "base64":
-                raw = np.asarray(vector, dtype="<f4").tobytes()
-                item["embedding"] = base64.b64encode(raw).decode("ascii")
-        return json_response(data, record=rec)
-    except BaseException as err:
-        rec.fail(err)
-        raise
+@endpoint("openai", "/v1/embeddings")
+async def embeddings(call: Call) -> Response:
+    raw = await call.body()
+    req = OpenAIEmbeddingRequest.model_validate_json(raw)
+    call.admit(req.model, req.keep_alive)
+    result, _ = await call.embed(
+        req.model, req.keep_alive, _load_options(req), _runner_body(req, raw, _EXTENSIONS_B64)
+    )
+    data = result.data
+    data["model"] = req.model
+    rows = sorted(data.get("data") or (), key=lambda d: d.get("index", 0))
+    vectors = shaped_embeddings(result.vectors, req.dimensions, normalise=False)
+    for item, vector in zip(rows, vectors, strict=True):
+        if req.encoding_format == "base64":
+            # The runner returns floats; base64 is little-endian float32, as OpenAI sends it.
+            packed = np.asarray(vector, dtype="<f4").tobytes()
+            item["embedding"] = base64.b64encode(packed).decode("ascii")
+        else:
+            item["embedding"] = vector
+    return call.respond(data)
 
 
 @router.get("/models")
@@ -140,30 +100,18 @@ def _model_card(entry: Any, name: str | None = None) -> dict[str, Any]:
     }
 
 
-async def _whole(
-    state: ApiState,
-    rec: RequestRecord,
-    req: _OpenAIBase,
-    path: str,
-    raw: bytes,
-    *,
-    ours: frozenset[str] = _EXTENSIONS,
-) -> bytes:
-    """One non-streamed runner call inside a lease."""
-    async with state.scheduler.session(
-        req.model, keep_alive=req.keep_alive, options=_load_options(req)
-    ) as lease:
-        rec.took(lease)
-        return await post_json(lease, path, _runner_body(req, raw, lease.entry.name, ours))
-
-
-def _runner_body(req: _OpenAIBase, raw: bytes, name: str, ours: frozenset[str]) -> Body:
+def _runner_body(req: _OpenAIBase, raw: bytes, ours: frozenset[str]) -> Callable[[LeaseLike], Body]:
     """What the runner gets: the client's own bytes when they need no change (the usual case: no
     re-encoding), else its fields without the ones residency handles, under the runner's name."""
-    if req.model == name and ours.isdisjoint(req.model_fields_set):
-        return raw
-    body = req.model_dump(exclude_unset=True, exclude=set(ours))
-    body["model"] = name
+
+    def body(lease: LeaseLike) -> Body:
+        name = lease.entry.name
+        if req.model == name and ours.isdisjoint(req.model_fields_set):
+            return raw
+        fields = req.model_dump(exclude_unset=True, exclude=set(ours))
+        fields["model"] = name
+        return fields
+
     return body
 
 
@@ -186,61 +134,31 @@ def _rename(content: bytes, asked: str) -> bytes:
 
 
 async def _forward(
-    request: Request,
-    state: ApiState,
-    rec: RequestRecord,
-    req: _OpenAIBase,
-    *,
-    path: str,
-    raw: bytes,
-    stream: bool,
+    call: Call, req: _OpenAIBase, *, path: str, raw: bytes, stream: bool
 ) -> Response:
-    rec.model = req.model
-    rec.stream = stream
-    check_keep_alive(req.keep_alive)
+    call.admit(req.model, req.keep_alive, stream=stream)
     asked = req.model
+    body = _runner_body(req, raw, _EXTENSIONS)
     if not stream:
-        content = await until_disconnected(request, _whole(state, rec, req, path, raw))
-        return json_response(_rename(content, asked), record=rec)
+        content = await call.complete(asked, req.keep_alive, _load_options(req), path, body)
+        return call.respond(_rename(content, asked))
 
-    async def open_upstream() -> tuple[AsyncExitStack, RunnerStream]:
-        stack = AsyncExitStack()
-        try:
-            lease = await stack.enter_async_context(
-                state.scheduler.session(
-                    asked, keep_alive=req.keep_alive, options=_load_options(req)
-                )
-            )
-            rec.took(lease)
-            body = _runner_body(req, raw, lease.entry.name, _EXTENSIONS)
-            upstream = await RunnerStream.open(lease, path, body)
-            stack.push_async_callback(upstream.aclose)
-            return stack, upstream
-        except BaseException:
-            await stack.aclose()
-            raise
-
-    stack, upstream = await until_disconnected(request, open_upstream())
+    upstream = await call.until_disconnected(
+        call.open_stream(asked, req.keep_alive, _load_options(req), path, body)
+    )
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            async for event, _ in upstream:
-                if event.get("model") != asked:
-                    event["model"] = asked
-                yield b"data: " + to_json(event) + b"\n\n"
-            yield _DONE
-        except Exception as err:
-            # OpenAI's clients raise on a data event that carries "error".
-            e = api_error(err)
-            rec.error = e.message
-            yield b"data: " + to_json(error_body(e, openai=True)) + b"\n\n"
+        async for event, _ in upstream:
+            if event.get("model") != asked:
+                event["model"] = asked
+            yield b"data: " + to_json(event) + b"\n\n"
+        yield _DONE
 
-    async def cleanup(error: BaseException | None) -> None:
-        try:
-            await stack.aclose()
-        finally:
-            rec.end_stream(error)
-
-    return LeasedStream(
-        events(), cleanup=cleanup, media_type=SSE, headers={"Cache-Control": "no-cache"}
+    # OpenAI's clients raise on a data event that carries "error".
+    return call.respond_stream(
+        upstream,
+        events(),
+        error_chunk=lambda e: b"data: " + to_json(error_body(e, openai=True)) + b"\n\n",
+        media_type=SSE,
+        headers={"Cache-Control": "no-cache"},
     )

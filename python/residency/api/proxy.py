@@ -1,4 +1,4 @@
-"""Talking to a runner through its lease, and handing streams back to the client.
+"""Answers to the client: JSON bodies, streams that hold a lease, and noticing a client gone.
 
 Every request holds its lease for exactly as long as it uses the runner: a plain request inside
 ``async with``; a stream from the moment its first byte is ready until the last byte is sent, the
@@ -9,40 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from pydantic_core import from_json, to_json
+from pydantic_core import to_json
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from residency.api._types import LeaseLike
 from residency.api.errors import ApiError, ClientDisconnected
 from residency.api.metrics import RequestRecord
-from residency.errors import RunnerError
-from residency.runners.http import StreamResponse, TransportError
 
 __all__ = [
     "ClientDisconnected",
     "JSONBytes",
     "LeasedStream",
-    "RunnerStream",
     "json_response",
-    "open_stream",
-    "post_json",
+    "now_ns",
     "read_body",
-    "runner_failure",
-    "sse_events",
     "until_disconnected",
 ]
 
 T = TypeVar("T")
-
-_JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
-_SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
 
 class JSONBytes(Response):
@@ -113,194 +102,6 @@ async def read_body(request: Request) -> bytes:
     if not body.strip():
         raise ApiError(400, "missing request body")
     return body
-
-
-def runner_failure(lease: LeaseLike, err: BaseException) -> RunnerError:
-    """A transport failure talking to the runner: it crashed, was stopped, or stopped answering."""
-    what = type(err).__name__
-    detail = str(err) or what
-    return RunnerError(
-        f"runner for model {lease.entry.name!r} failed during the request ({detail})",
-        lease.output_tail(),
-    )
-
-
-def _runner_message(status: int, content: bytes) -> str:
-    """The runner's own error message from whichever shape it used."""
-    try:
-        data = from_json(content)
-    except ValueError:
-        return content.decode(errors="replace").strip()[:2000] or f"HTTP {status}"
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        detail = data.get("detail")
-        if isinstance(detail, list):  # FastAPI validation errors (llama-cpp-python)
-            return "; ".join(
-                f"{'.'.join(str(x) for x in d.get('loc', ()) if x != 'body')}: {d.get('msg')}"
-                for d in detail
-                if isinstance(d, dict)
-            )
-        if detail:
-            return str(detail)
-    return content.decode(errors="replace").strip()[:2000]
-
-
-def _runner_error(lease: LeaseLike, status: int, content: bytes) -> Exception:
-    message = _runner_message(status, content)
-    if status < 500:
-        # The runner found the request itself wrong (context exceeded, bad field): a client error.
-        return ApiError(400, message, code="invalid_request")
-    return RunnerError(
-        f"runner for model {lease.entry.name!r} failed (HTTP {status}): {message}",
-        lease.output_tail(),
-    )
-
-
-Body = Mapping[str, Any] | bytes
-"""A runner request's JSON body: a mapping, or bytes already encoded (a client's, passed on)."""
-
-
-def _encoded(body: Body) -> bytes:
-    return body if isinstance(body, bytes) else to_json(body)
-
-
-async def post_json(lease: LeaseLike, path: str, body: Body) -> bytes:
-    """POSTs `body` to the runner; returns its JSON answer's bytes or raises in our shape."""
-    try:
-        resp = await lease.client.post(path, _encoded(body), headers=_JSON_HEADERS)
-    except TransportError as err:
-        raise runner_failure(lease, err) from err
-    if resp.status >= 400:
-        raise _runner_error(lease, resp.status, resp.content)
-    return resp.content
-
-
-async def open_stream(lease: LeaseLike, path: str, body: Body) -> StreamResponse:
-    """Starts a streamed request; returns once the runner answered with a success status.
-
-    The caller owns the response and must ``aclose()`` it (closing it mid-stream tells the runner
-    to stop generating).
-    """
-    try:
-        resp = await lease.client.stream("POST", path, body=_encoded(body), headers=_SSE_HEADERS)
-    except TransportError as err:
-        raise runner_failure(lease, err) from err
-    if resp.status >= 400:
-        try:
-            content = await resp.aread()
-        except TransportError:
-            content = b""
-        finally:
-            await resp.aclose()
-        raise _runner_error(lease, resp.status, content)
-    return resp
-
-
-class _Done:
-    """The stream's explicit end (``data: [DONE]``)."""
-
-
-DONE = _Done()
-
-
-_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
-
-
-async def _cut_short(lease: LeaseLike) -> Exception:
-    """The error for a stream the runner ended without ``[DONE]``: it failed after answering 200
-    (llama-cpp-python does so when the prompt exceeds the context). Its traceback, in its output,
-    says why; a ValueError there is the runner rejecting the input, as its non-streamed answer
-    would (400)."""
-    line = None
-    for _ in range(20):  # the traceback reaches the log a moment after the socket closes
-        for text in reversed(lease.output_tail().splitlines()):
-            m = _EXCEPTION_LINE.match(text.strip())
-            if m:
-                line = m
-                break
-        if line is not None:
-            break
-        await asyncio.sleep(0.025)
-    if line is not None and line.group(1) == "ValueError":
-        return ApiError(400, line.group(2), code="invalid_request")
-    detail = f": {line.group(1)}: {line.group(2)}" if line is not None else ""
-    return RunnerError(
-        f"runner for model {lease.entry.name!r} ended its stream without finishing{detail}",
-        lease.output_tail(),
-    )
-
-
-Event = tuple[dict[str, Any], int]
-
-
-async def sse_events(lease: LeaseLike, resp: StreamResponse) -> AsyncIterator[Event]:
-    """The JSON payloads of a runner's server-sent events with their arrival times (perf ns),
-    until ``[DONE]``. A stream that ends without ``[DONE]`` raises: the runner failed part way.
-    """
-    try:
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, comments (": ping"), event:/id: fields
-            payload = line[5:].strip()
-            if payload == "[DONE]":
-                return
-            if not payload:
-                continue
-            try:
-                event = from_json(payload)
-            except ValueError as err:
-                raise RunnerError(
-                    f"runner for model {lease.entry.name!r} sent an event that is not JSON: "
-                    f"{payload[:200]!r}"
-                ) from err
-            if isinstance(event, dict):
-                if "error" in event and "choices" not in event:
-                    raise _runner_error(lease, 500, payload.encode())
-                yield event, time.perf_counter_ns()
-    except TransportError as err:
-        raise runner_failure(lease, err) from err
-    raise await _cut_short(lease)
-
-
-class RunnerStream:
-    """A runner's event stream, opened and read up to its first event.
-
-    Waiting for the first event before answering means a runner that fails before producing
-    anything (an over-long prompt, a crash during prompt processing) still gets a real HTTP error
-    status; Ollama likewise sends its headers with the first token.
-    """
-
-    def __init__(self, response: StreamResponse, events: AsyncIterator[Event]) -> None:
-        self.response = response
-        self._events = events
-        self._first: Event | None = None
-
-    @classmethod
-    async def open(cls, lease: LeaseLike, path: str, body: Body) -> RunnerStream:
-        response = await open_stream(lease, path, body)
-        stream = cls(response, sse_events(lease, response))
-        try:
-            stream._first = await stream._events.__anext__()
-        except StopAsyncIteration:
-            pass
-        except BaseException:
-            await stream.aclose()
-            raise
-        return stream
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        if self._first is not None:
-            first, self._first = self._first, None
-            yield first
-        async for item in self._events:
-            yield item
-
-    async def aclose(self) -> None:
-        await self.response.aclose()
 
 
 async def _wait_disconnect(receive: Receive) -> None:

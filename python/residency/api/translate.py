@@ -22,7 +22,6 @@ __all__ = [
     "Generation",
     "chat_body",
     "generate_body",
-    "pooled",
     "rfc3339_now",
     "split_options",
 ]
@@ -307,13 +306,3 @@ class Generation:
         out["eval_duration"] = eval_ns
         return out
 
-
-def pooled(vector: list[Any]) -> list[float]:
-    """One vector per input. Runners without a pooling layer for the model (llama-cpp-python with
-    a generative GGUF) return one vector per token; Ollama mean-pools those, and so do we."""
-    if vector and isinstance(vector[0], list):
-        import numpy as np
-
-        result: list[float] = np.asarray(vector, dtype=np.float64).mean(axis=0).tolist()
-        return result
-    return vector

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 from residency.errors import RunnerError
 from residency.runners.http import RunnerClient, TransportError
+from residency.runners.protocol import RunnerApi
 
 __all__ = ["LaunchSpec", "Runner", "free_port"]
 
@@ -100,6 +101,8 @@ class Runner(ABC):
         # One pooled client per runner, shared by every request it serves. Generation can take long:
         # only connecting is bounded here; health checks bound their own reads.
         self.client = RunnerClient(LOOPBACK, self.port)
+        #: The runner's protocol, for the requests it serves (the client above is for health).
+        self.api = RunnerApi(self.client, name=spec.name, output_tail=self.output_tail)
         self._on_exit = on_exit
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._buffers: dict[str, int] = {}
