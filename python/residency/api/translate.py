@@ -305,4 +305,3 @@ class Generation:
         out["eval_count"] = eval_count
         out["eval_duration"] = eval_ns
         return out
-
