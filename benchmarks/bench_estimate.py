@@ -6,11 +6,12 @@ estimate's total with their sum. Prints a table, then one JSON line:
 {"cases", "max_total_err_pct", "median_total_err_pct", "seed_formula_max_err_pct", ...}.
 Target: every case within 5 % or 16 MiB (whichever is larger) of llama.cpp's sum.
 
-    python benchmarks/bench_estimate.py
+    python benchmarks/bench_estimate.py [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -37,6 +38,9 @@ GRID = [
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="two small cases: proves it runs")
+    args = ap.parse_args()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -58,6 +62,8 @@ def main() -> int:
         cases: list[tuple[Path, dict[str, Any]]] = [(gemma, g) for g in GRID]
         cases += [(gemma, {"ctx": 131072}), (gemma, {"ctx": 8192, "ubatch": 1024})]
         cases += [(m, {"ctx": c}) for m in others for c in (4096, 32768)]
+        if args.quick:
+            cases = [(gemma, GRID[0]), (others[0], {"ctx": 4096})]
         # Two children at a time: 2 cores; each one is at most ~3 GiB.
         with ThreadPoolExecutor(max_workers=2) as pool:
             measured: list[Measured] = list(pool.map(lambda c: measure(c[0], **c[1]), cases))

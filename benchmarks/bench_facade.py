@@ -12,7 +12,7 @@ for that, the same pairs also go through a byte-level TCP relay (no HTTP parsing
 own process, and `facade_over_relay_p50_ms` is what residency costs beyond the bare hop.
 Last line: {"added_p50_ms", "added_p99_ms", "ttft_added_p50_ms", ...}. Target: added p50 ≤ 1 ms.
 
-    python benchmarks/bench_facade.py [--pairs 200] [--rounds 6] [--ttft-pairs 60]
+    python benchmarks/bench_facade.py [--pairs 200] [--rounds 6] [--ttft-pairs 60] [--quick]
 """
 
 from __future__ import annotations
@@ -309,7 +309,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--ttft-pairs", type=int, default=60)
     parser.add_argument("--relay", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a handful of requests: proves it runs, measures little",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.pairs, args.rounds, args.ttft_pairs = 10, 1, 4
     if args.relay:
         asyncio.run(relay(*args.relay))
         return 0

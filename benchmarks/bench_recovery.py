@@ -150,7 +150,10 @@ def main() -> None:
     ap.add_argument(
         "--sweep", type=float, nargs="*", metavar="MS", help="first compare these poll caps (ms)"
     )
+    ap.add_argument("--quick", action="store_true", help="a handful of recoveries: proves it runs")
     args = ap.parse_args()
+    if args.quick:
+        args.recoveries, args.lanes, args.cpu_recoveries = 8, 4, 2
 
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as tmp:
@@ -196,7 +199,7 @@ def main() -> None:
         )
         if not ok
     ]
-    if missed:
+    if missed and not args.quick:  # a handful of samples says nothing about the targets
         sys.exit("missed: " + ", ".join(missed))
 
 
