@@ -24,6 +24,7 @@ import uvicorn
 from residency.api import create_app
 from residency.config import Settings
 from residency.errors import ModelNotFoundError
+from residency.metrics import ResidencyMetrics
 from residency.runners.http import RunnerClient
 from residency.runners.protocol import RunnerApi
 
@@ -83,6 +84,14 @@ class FakeResident:
     expires_at: datetime | None = None
     context_length: int = 2048
     refcount: int = 0
+
+
+@dataclass
+class FakeDeviceUsage:
+    id: str = "cuda:0"
+    total_bytes: int = 8_000_000_000
+    budget_bytes: int = 7_500_000_000
+    reserved_bytes: int = 500_000_000
 
 
 @dataclass
@@ -309,6 +318,8 @@ class FakeScheduler:
         self.started = False
         self.stopped = False
         self.expires_at: datetime | None = datetime.now(timezone.utc) + timedelta(minutes=5)
+        self.metrics = ResidencyMetrics()
+        self.metrics.source = self
 
     async def start(self) -> None:
         self.client = await self._served.__aenter__()
@@ -337,6 +348,9 @@ class FakeScheduler:
             )
             for n in sorted(self.loaded)
         ]
+
+    def device_usage(self) -> list[tuple[FakeDeviceUsage, int | None]]:
+        return [(FakeDeviceUsage(), 7_000_000_000)]
 
     async def unload(self, model: str) -> None:
         name = self.resolve(model).name

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from prometheus_client.parser import text_string_to_metric_families
 
 from api_fakes import FakeRunner, serving
 from residency import cli
@@ -106,6 +107,16 @@ async def test_generation_routes_skip_fastapi_routing_with_the_same_answers(
         assert routed == ["/api/ps"]  # everything else goes through FastAPI
 
 
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """A sample's value in an exposition, parsed by prometheus-client's own parser (so number
+    formatting is the library's business, not the test's); None when absent."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return None
+
+
 async def test_metrics_count_requests_loads_and_residents() -> None:
     async with serving() as s:
         await s.client.post("/api/generate", json={"model": MODEL, "prompt": "x", "stream": False})
@@ -116,25 +127,21 @@ async def test_metrics_count_requests_loads_and_residents() -> None:
         assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
         text = r.text
         lines = set(text.splitlines())
-        assert (
-            'residency_http_requests_total{api="ollama",endpoint="/api/generate",status="200"} 2'
-            in lines
-        )
-        assert (
-            'residency_http_requests_total{api="ollama",endpoint="/api/generate",status="404"} 1'
-            in lines
-        )
-        assert 'residency_cold_requests_total{model="gemma3:270m"} 1' in lines
-        assert 'residency_load_duration_seconds_total{model="gemma3:270m"} 1.500000000' in lines
-        assert 'residency_leases_total{model="gemma3:270m"} 2' in lines
-        assert (
-            'residency_model_resident{model="gemma3:270m",device="cuda:0",state="ready"} 1' in lines
-        )
-        assert 'residency_model_measured_bytes{model="gemma3:270m",device="cuda:0"} 480000000' in (
-            lines
-        )
-        assert "residency_http_requests_in_flight 0" in lines
-        assert "residency_models_configured 1" in lines
+        gen = {"api": "ollama", "endpoint": "/api/generate"}
+        assert sample(text, "residency_http_requests_total", **gen, status="200") == 2
+        assert sample(text, "residency_http_requests_total", **gen, status="404") == 1
+        assert sample(text, "residency_cold_requests_total", model=MODEL) == 1
+        # load_duration is a histogram now: its _sum is what the old _total counter said.
+        assert sample(text, "residency_load_duration_seconds_sum", model=MODEL) == 1.5
+        assert sample(text, "residency_load_duration_seconds_count", model=MODEL) == 1
+        assert sample(text, "residency_leases_total", model=MODEL) == 2
+        on_gpu = {"model": MODEL, "device": "cuda:0"}
+        assert sample(text, "residency_model_resident", **on_gpu, state="ready") == 1
+        assert sample(text, "residency_model_measured_bytes", **on_gpu) == 480000000
+        assert sample(text, "residency_http_requests_in_flight") == 0
+        assert sample(text, "residency_models_configured") == 1
+        assert sample(text, "residency_device_free_bytes", device="cuda:0") == 7e9
+        assert sample(text, "residency_time_to_first_token_seconds_count", model=MODEL) == 2
         # Well-formed exposition: every sample belongs to a declared family.
         families = {line.split()[2] for line in lines if line.startswith("# TYPE")}
         for line in lines:

@@ -270,14 +270,11 @@ async def test_disconnect_mid_stream_stops_reading_and_releases(
         sent_at_disconnect = runner.tokens_sent
         await asyncio.sleep(0.1)
         assert runner.tokens_sent == sent_at_disconnect < 100  # nobody reads the runner any more
-        metrics = app.state.residency.metrics
-        assert (
-            metrics.requests[
-                ((path.split("/")[1] == "v1" and "openai") or "ollama", path, "disconnected")
-            ]
-            == 1
-        )
-        assert metrics.in_flight == 0
+        registry = app.state.residency.metrics.registry
+        api = (path.split("/")[1] == "v1" and "openai") or "ollama"
+        labels = {"api": api, "endpoint": path, "status": "disconnected"}
+        assert registry.get_sample_value("residency_http_requests_total", labels) == 1
+        assert registry.get_sample_value("residency_http_requests_in_flight") == 0
 
 
 async def test_disconnect_while_waiting_for_the_model_leaves_the_queue() -> None:

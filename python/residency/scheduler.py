@@ -27,6 +27,7 @@ from residency._core import (
     AdmitOutcome,
     BudgetExceededError,
     Device,
+    DeviceUsage,
     InvalidArgumentError,
     InvalidStateError,
     ModelBusyError,
@@ -44,6 +45,7 @@ from residency.errors import (
 )
 from residency.keepalive import parse_keep_alive
 from residency.memory import DeviceInfo, MemoryProbe, discover_devices, open_probe
+from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry, Registry
 from residency.runners import LaunchSpec, Runner, runner_class
 from residency.runners.http import RunnerClient
@@ -184,8 +186,17 @@ class _Instance:
 class Scheduler:
     """Loads, keeps alive, evicts and recovers models on behalf of concurrent requests."""
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        metrics: ResidencyMetrics | None = None,
+    ) -> None:
         self.settings = settings
+        #: Loads, evictions and crashes are counted here; its gauges read this scheduler.
+        self.metrics = metrics if metrics is not None else ResidencyMetrics()
+        self.metrics.source = self
         self._clock: Clock = clock or MonotonicClock()
         self._registry = Registry.from_settings(settings)
         self._core: ResidentSet | None = None
@@ -268,6 +279,12 @@ class Scheduler:
     def resolve(self, name: str) -> ModelEntry:
         return self._registry.resolve(name)
 
+    def device_usage(self) -> list[tuple[DeviceUsage, int | None]]:
+        """Each device's accounting in the core, with the free bytes its probe reports now."""
+        if self._core is None:
+            return []
+        return [(d, self._free(self._device_index.get(d.id, 0))) for d in self._core.devices()]
+
     @property
     def core(self) -> ResidentSet:
         """The core's resident set (read-only use: snapshot, devices, stats)."""
@@ -309,7 +326,7 @@ class Scheduler:
         r = self._core.reservation(entry.name)
         if r is not None and r.refcount == 0 and inst.ready.is_set():
             self._core.begin_unload(entry.name)
-            await self._stop_instance(inst, "unloaded on request")
+            await self._stop_instance(inst, "unloaded on request", "unload_request")
         else:
             inst.unload_when_idle = True
 
@@ -452,7 +469,7 @@ class Scheduler:
                 if r is not None and r.refcount == 0 and inst.ready.is_set():
                     core.begin_unload(key)
                     self._spawn(
-                        self._stop_instance(inst, "options changed", evict=True),
+                        self._stop_instance(inst, "options changed", "reload", evict=True),
                         f"reload-{key}",
                         stopper=True,
                     )
@@ -534,7 +551,7 @@ class Scheduler:
             # Stops are tasks of their own: a cancelled load must not leave a victim half-stopped.
             stops = [
                 self._spawn(
-                    self._stop_instance(v, f"evicted for {inst.key}", evict=True),
+                    self._stop_instance(v, f"evicted for {inst.key}", "make_room", evict=True),
                     f"evict-{v.key}",
                     stopper=True,
                 )
@@ -578,6 +595,7 @@ class Scheduler:
                 core.loaded(inst.key, now, load_s)
             inst.load_duration_ns = now - t0
             inst.last_used_ns = now
+            self.metrics.loaded(inst.key, load_s)
             stop_ms, memory_ms, start_ms = ((b - a) * 1e3 for a, b in itertools.pairwise(phases))
             log.info(
                 "loaded %s on %s in %.2f s (stop %d victims %s, memory %.0f ms, start %.0f ms; "
@@ -599,7 +617,9 @@ class Scheduler:
                 if r is not None and r.refcount == 0:
                     core.begin_unload(inst.key)
                     self._spawn(
-                        self._stop_instance(inst, "unloaded on request"), "unload", stopper=True
+                        self._stop_instance(inst, "unloaded on request", "unload_request"),
+                        "unload",
+                        stopper=True,
                     )
         except BaseException as err:
             failure = (
@@ -612,6 +632,8 @@ class Scheduler:
             inst.failure = failure
             inst.closing = True
             log.warning("load of %s failed: %s", inst.key, failure)
+            if isinstance(err, Exception):  # not a cancellation (shutdown)
+                self.metrics.load_failed(inst.key)
             if inst.runner is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(inst.runner.stop(self.settings.stop_timeout_s))
@@ -621,7 +643,9 @@ class Scheduler:
             if not isinstance(err, Exception):
                 raise
 
-    async def _stop_instance(self, inst: _Instance, why: str, *, evict: bool = False) -> None:
+    async def _stop_instance(
+        self, inst: _Instance, why: str, reason: str, *, evict: bool = False
+    ) -> None:
         """Stops a runner the core already moved to Unloading, then tells the core it is gone.
 
         An eviction has a load waiting for the memory, and the core guarantees the victim is idle:
@@ -629,6 +653,7 @@ class Scheduler:
         of the graceful `stop_timeout_s`, which costs llama-cpp-python 0.2-0.3 s of shutdown."""
         inst.closing = True
         log.info("stopping %s: %s", inst.key, why)
+        self.metrics.evicted(inst.key, reason)
         grace = self.settings.evict_grace_s if evict else self.settings.stop_timeout_s
         try:
             if inst.runner is not None:
@@ -661,6 +686,7 @@ class Scheduler:
         assert runner is not None
         inst.failure = runner.error(what)
         inst.closing = True
+        self.metrics.crashed(inst.key)
         self._forget(inst, force=True)
         inst.dead = True
         self._notify()
@@ -930,7 +956,9 @@ class Scheduler:
                 except (ModelBusyError, InvalidStateError):
                     continue
                 self._spawn(
-                    self._stop_instance(inst, "keep-alive expired"), f"expire-{key}", stopper=True
+                    self._stop_instance(inst, "keep-alive expired", "keep_alive_expired"),
+                    f"expire-{key}",
+                    stopper=True,
                 )
             deadline = core.next_expiry()
             self._timer_deadline = deadline

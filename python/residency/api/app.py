@@ -34,6 +34,7 @@ from residency.api.schemas import (
 )
 from residency.api.state import DIRECT_ENDPOINTS, ApiState, DirectEndpoint, State
 from residency.config import Settings
+from residency.metrics import CONTENT_TYPE
 
 __all__ = ["ResidencyApp", "create_app"]
 
@@ -137,9 +138,8 @@ def create_app(
 
     @app.get("/metrics", tags=["residency"], response_class=PlainTextResponse)
     async def metrics(state: State) -> Response:
-        """Prometheus text format: requests, loads, queueing, resident models and their bytes."""
-        text = state.metrics.render(state.scheduler.resident(), len(state.scheduler.models()))
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        """Prometheus text format: requests, loads, evictions, crashes, devices and models."""
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -119,6 +119,8 @@ class Call:
             t_sent = now_ns()
             events = await lease.api.stream(path, sent)
             stack.push_async_callback(events.aclose)
+            if events.first_at is not None:
+                self.rec.first_event(events.first_at)
             return Upstream(stack, lease, events, t_sent)
         except BaseException:
             await stack.aclose()

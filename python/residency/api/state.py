@@ -12,9 +12,10 @@ from starlette.responses import Response
 
 from residency.api._types import SchedulerLike
 from residency.api.errors import ApiError
-from residency.api.metrics import Metrics, RequestRecord
+from residency.api.metrics import RequestRecord
 from residency.config import Settings
 from residency.keepalive import parse_keep_alive
+from residency.metrics import ResidencyMetrics
 
 __all__ = [
     "DIRECT_ENDPOINTS",
@@ -45,7 +46,13 @@ def direct(endpoint: DirectEndpoint) -> DirectEndpoint:
 class ApiState:
     settings: Settings
     scheduler: SchedulerLike
-    metrics: Metrics = field(default_factory=Metrics)
+    #: The scheduler's metrics: requests are counted beside its loads, evictions and crashes.
+    metrics: ResidencyMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = self.scheduler.metrics
+        if self.metrics.source is None:
+            self.metrics.source = self.scheduler
 
     def record(self, api: str, endpoint: str) -> RequestRecord:
         return RequestRecord(self.metrics, api, endpoint)

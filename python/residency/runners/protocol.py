@@ -13,7 +13,6 @@ decided from the runner's HTTP answer alone (never from its log output):
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -227,10 +226,15 @@ class EventStream:
         self._body = body
         self._events = self._read()
         self._first: Event | None = None
+        #: When the first event arrived (perf ns); None for a stream that had none.
+        self.first_at: int | None = None
 
     async def start(self) -> None:
-        with contextlib.suppress(StopAsyncIteration):
+        try:
             self._first = await self._events.__anext__()
+        except StopAsyncIteration:
+            return
+        self.first_at = self._first[1]
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         if self._first is not None:
