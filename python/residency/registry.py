@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -184,15 +184,23 @@ def gguf_details(path: Path) -> dict[str, Any]:
     return details
 
 
-def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The metadata of a GGUF file (arrays skipped, their keys kept) and its parameter count.
-
-    gguf.GGUFReader parses every array into numpy objects: 20 s of CPU for Gemma 3's 262k-token
-    vocabulary; residency.gguf_header walks the header in milliseconds. Raises ValueError
-    (GGUFFormatError) for a file that is not GGUF or whose header is cut short.
-    """
+def read_gguf_header(path: Path) -> tuple[Mapping[str, Any], int]:
+    """The metadata of a GGUF file (long arrays skipped, their keys kept) and its parameter count,
+    from residency's one GGUF reader (parsed once per file version). Raises ValueError
+    (GGUFFormatError) for a file that is not GGUF or whose header is cut short."""
     header = read_header(path)
     return header.metadata, header.parameter_count
+
+
+def model_info(path: Path, *, verbose: bool) -> tuple[dict[str, Any], str]:
+    """/api/show's ``model_info`` and chat template from the file's header: every key/value with
+    arrays only when `verbose` (as Ollama), and general.parameter_count. Raises OSError or
+    ValueError for a file that changed or broke since it was listed."""
+    header = read_header(path, arrays=verbose)
+    info = {k: v if verbose or not isinstance(v, list) else [] for k, v in header.metadata.items()}
+    template = info.pop("tokenizer.chat_template", "") or ""
+    info.setdefault("general.parameter_count", header.parameter_count)
+    return info, str(template)
 
 
 def _human_params(n: int) -> str:

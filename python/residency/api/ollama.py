@@ -8,7 +8,6 @@ unloads it (``"unload"``), every duration in nanoseconds.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -37,7 +36,7 @@ from residency.api.translate import (
     rfc3339_now,
     split_options,
 )
-from residency.gguf_header import read_header
+from residency.registry import model_info
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -332,10 +331,7 @@ async def show(request: Request) -> Response:
     template = ""
     if entry.details.get("format") == "gguf":
         try:
-            st = entry.path.stat()
-            info, template = await asyncio.to_thread(
-                _gguf_info, str(entry.path), st.st_mtime_ns, req.verbose
-            )
+            info, template = await asyncio.to_thread(model_info, entry.path, verbose=req.verbose)
         except (OSError, ValueError) as err:  # the file changed or broke since start-up
             raise ApiError(500, f"cannot read {entry.path}: {err}") from err
     options = dict(entry.options)
@@ -362,19 +358,6 @@ async def show(request: Request) -> Response:
             "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
         }
     )
-
-
-@functools.lru_cache(maxsize=16)
-def _gguf_info(path: str, mtime_ns: int, verbose: bool) -> tuple[dict[str, Any], str]:
-    """(model_info, chat template) from the GGUF header; arrays only when verbose, as Ollama.
-
-    Cached per file version (`mtime_ns` is part of the key).
-    """
-    header = read_header(path, arrays=verbose)
-    info = dict(header.metadata)
-    template = info.pop("tokenizer.chat_template", "") or ""
-    info.setdefault("general.parameter_count", header.parameter_count)
-    return info, str(template)
 
 
 @router.get("/api/version")

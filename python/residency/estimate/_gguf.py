@@ -1,4 +1,5 @@
-"""What the estimator needs from a GGUF file, read with the ``gguf`` package (no parser of our own).
+"""What the estimator needs from a GGUF file, read with residency's one GGUF reader
+(residency.gguf_header, shared with the registry: each file version is parsed once).
 
 :func:`read_model` turns the header and tensor table into a :class:`ModelInfo`: the architecture's
 hyper-parameters as llama.cpp interprets them (including its per-architecture defaults, such as the
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from residency.errors import EstimateError
+from residency.gguf_header import GGUFHeader, read_header
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
@@ -136,72 +137,20 @@ def _read_cached(p: Path, size: int, mtime_ns: int) -> ModelInfo:
     if magic != b"GGUF":
         raise EstimateError(f"{p}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        reader = _reader_class()(p)
-    except Exception as err:  # the gguf package raises ValueError/IndexError/... on bad files
+        header = read_header(p)
+    except (OSError, ValueError) as err:
         raise EstimateError(
             f"{p}: the GGUF header or tensor table is unreadable, the file is probably "
             f"truncated or corrupt ({type(err).__name__}: {err})"
         ) from None
-    return _model_info(p, size, reader)
+    return _model_info(p, size, header)
 
 
-@lru_cache(maxsize=1)
-def _reader_class() -> type[Any]:
-    """gguf's GGUFReader, made fast on large array fields.
-
-    The stock reader builds a numpy view per array element: for a 262k-token vocabulary (Gemma 3)
-    that is ~800k views and tens of seconds on a busy machine. This subclass reads a numeric
-    array as one view and walks a string array's lengths without keeping views of the strings
-    (the estimator needs only their count, kept as the field's last part). The rest is gguf's.
-    """
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType
-
-    class _FastArrayReader(GGUFReader):
-        def _get_field_parts(
-            self, orig_offs: int, raw_type: int
-        ) -> tuple[int, list[Any], list[int], list[Any]]:
-            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            offs = orig_offs
-            raw_itype = self._get(offs, np.uint32)
-            offs += int(raw_itype.nbytes)
-            alen = self._get(offs, np.uint64)
-            offs += int(alen.nbytes)
-            n = int(alen[0])
-            itype = GGUFValueType(int(raw_itype[0]))
-            types = [GGUFValueType.ARRAY, itype]
-            nptype = self.gguf_scalar_to_np.get(itype)
-            if nptype is not None:
-                values = self._get(offs, nptype, n)
-                return offs + int(values.nbytes) - orig_offs, [raw_itype, alen, values], [2], types
-            if itype == GGUFValueType.STRING:
-                data = self.data
-                # "I": the file's byte order is this machine's; "S": swapped.
-                swap = self.byte_order == "S"
-                order: Literal["little", "big"] = (
-                    sys.byteorder
-                    if not swap
-                    else ("big" if sys.byteorder == "little" else "little")
-                )
-                for _ in range(n):
-                    offs += 8 + int.from_bytes(data[offs : offs + 8].tobytes(), order)
-                if offs > len(data):
-                    raise ValueError("string array runs past the end of the file")
-                return offs - orig_offs, [raw_itype, alen], [], types
-            return super()._get_field_parts(orig_offs, raw_type)
-
-    return _FastArrayReader
-
-
-def _model_info(p: Path, size: int, reader: Any) -> ModelInfo:
-    from gguf import GGUFValueType, LlamaFileType
+def _model_info(p: Path, size: int, header: GGUFHeader) -> ModelInfo:
+    from gguf import LlamaFileType
 
     def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return default
-        return f.contents()
+        return header.metadata.get(key, default)
 
     arch = field("general.architecture")
     if not isinstance(arch, str):
@@ -242,9 +191,9 @@ def _model_info(p: Path, size: int, reader: Any) -> ModelInfo:
     head_dim_k = int(field(f"{arch}.attention.key_length", n_embd // head0))
     head_dim_v = int(field(f"{arch}.attention.value_length", n_embd // head0))
 
-    vocab = reader.fields.get("tokenizer.ggml.tokens")
-    # The fast reader keeps only a string array's length: its last part.
-    n_vocab = int(vocab.parts[-1][0]) if vocab is not None else int(field(f"{arch}.vocab_size", 0))
+    n_vocab = header.array_lengths.get("tokenizer.ggml.tokens")
+    if n_vocab is None:
+        n_vocab = int(field(f"{arch}.vocab_size", 0))
 
     rule = SWA_RULES[arch]
     n_swa = 0
@@ -253,9 +202,8 @@ def _model_info(p: Path, size: int, reader: Any) -> ModelInfo:
         window = field(f"{arch}.attention.sliding_window")
         n_swa = int(window) if window is not None else int(rule.default_window or 0)
         if n_swa > 0:
-            pattern_field = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
             pattern_value = field(f"{arch}.attention.sliding_window_pattern")
-            if pattern_field is not None and pattern_field.types[0] == GGUFValueType.ARRAY:
+            if isinstance(pattern_value, list):
                 is_swa = tuple(bool(v) for v in pattern_value)[:n_layer]
             else:
                 n_pattern = int(pattern_value) if pattern_value is not None else rule.pattern
@@ -275,16 +223,22 @@ def _model_info(p: Path, size: int, reader: Any) -> ModelInfo:
         quantization = f"file_type {ftype}"
 
     tensors = []
-    for t in reader.tensors:
+    for t in header.tensors:
         m = _LAYER.match(t.name)
+        try:
+            type_name, n_bytes = t.type_name, t.n_bytes
+        except (ValueError, KeyError):
+            raise EstimateError(
+                f"{p}: tensor {t.name!r} has unknown ggml type {t.type_id}"
+            ) from None
         tensors.append(
             TensorInfo(
                 name=t.name,
-                type_name=t.tensor_type.name,
-                shape=tuple(int(x) for x in t.shape),
-                n_elements=int(t.n_elements),
-                n_bytes=int(t.n_bytes),
-                offset=int(t.data_offset),
+                type_name=type_name,
+                shape=t.shape,
+                n_elements=t.n_elements,
+                n_bytes=n_bytes,
+                offset=t.offset,
                 layer=int(m.group(1)) if m else None,
             )
         )
