@@ -162,7 +162,7 @@ def process_used(nvml: Any, pid: int) -> int | None:
 
 def estimate_options(opts: dict[str, Any]) -> dict[str, Any]:
     """What residency's scheduler passes the estimator for a llama-server model."""
-    from residency.scheduler import llama_server_estimate_options
+    from residency.runners.llama import llama_server_estimate_options
 
     return llama_server_estimate_options(
         ctx=opts["ctx"], parallel=opts.get("parallel", 1), kv_type=opts.get("kv_type", "f16")
@@ -184,7 +184,7 @@ def run_case(  # noqa: PLR0917
         device="cuda:0",
         # -lv 4: llama.cpp's own INFO lines (the buffer sizes) are hidden at llama-server's default
         args=("-lv", "4"),
-        extra={"binary": binary},
+        binary=binary,
     )
     runner = LlamaServerRunner(spec)
     argv = runner.argv()

@@ -37,7 +37,7 @@ from estimate_models import write_llama
 from gpu_common import GIB, MIB, Holder
 from residency.estimate import estimate
 from residency.memory import open_probe
-from residency.scheduler import llama_server_estimate_options
+from residency.runners.llama import llama_server_estimate_options
 
 _LOADED = re.compile(
     r"loaded (?P<key>\S+) on \S+ in (?P<total>[0-9.]+) s \(stop (?P<n>\d+) victims "

@@ -66,7 +66,7 @@ async def direct(scheduler: Scheduler) -> tuple[float, float]:
         parallel=1,
         kv_type="f16",
         gpu_layers=0,
-        extra={"details": entry.details},
+        details=entry.details,
     )
     runner = LlamaCppPythonRunner(spec)
     t0 = time.monotonic()

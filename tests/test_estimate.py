@@ -261,7 +261,7 @@ CUDA_MEASURED = [
 def test_gpu_buffers_match_llama_server_on_cuda(
     tmp_path: Path, name: str, opts: dict[str, Any], layers: int, mib: tuple[float, ...]
 ) -> None:
-    from residency.scheduler import llama_server_estimate_options
+    from residency.runners.llama import llama_server_estimate_options
 
     path = write_llama(tmp_path / f"{name}.gguf", **CUDA_SHAPES[name])
     e = estimate(

@@ -44,7 +44,7 @@ async def test_llama_cpp_python_command_line() -> None:
         spec(
             device="cuda:1",
             device_index=1,
-            extra={"details": {"family": "gemma3", "has_chat_template": False}},
+            details={"family": "gemma3", "has_chat_template": False},
         )
     )
     argv = r.argv()
@@ -57,7 +57,7 @@ async def test_llama_cpp_python_command_line() -> None:
     assert flag(argv, "--chat_format") == "gemma"  # the GGUF ships no template
     assert "--type_k" not in argv
     assert r.environment()["CUDA_VISIBLE_DEVICES"] == "1"
-    q8 = LlamaCppPythonRunner(spec(kv_type="q8_0", device="host", extra={"embedding": False}))
+    q8 = LlamaCppPythonRunner(spec(kv_type="q8_0", device="host", embedding=False))
     argv = q8.argv()
     assert flag(argv, "--type_k") == flag(argv, "--type_v") == "8"  # ggml's Q8_0
     assert flag(argv, "--flash_attn") == "true"
@@ -72,7 +72,7 @@ async def test_llama_cpp_python_command_line() -> None:
 
 async def test_llama_server_command_line(tmp_path: Path) -> None:
     binary = tmp_path / "llama-server"
-    r = LlamaServerRunner(spec(device="cuda:0", extra={"binary": str(binary)}))
+    r = LlamaServerRunner(spec(device="cuda:0", binary=str(binary)))
     argv = r.argv()
     assert argv[0] == str(binary)
     assert flag(argv, "--ctx-size") == "4096"  # shared by 2 slots of 2048
@@ -81,7 +81,7 @@ async def test_llama_server_command_line(tmp_path: Path) -> None:
     assert flag(argv, "--cache-type-k") == "f16"
     assert "--embeddings" not in argv
     assert r.health_path == "/health"
-    missing = LlamaServerRunner(spec(extra={"binary": None}))
+    missing = LlamaServerRunner(spec(binary=None))
     if shutil.which("llama-server") is None:
         with pytest.raises(ConfigError, match="no llama-server is on PATH"):
             missing.argv()
@@ -106,7 +106,7 @@ async def test_command_template_placeholders() -> None:
         "{name}",
         "{device}",
     ]
-    r = CommandRunner(spec(device="cuda:0", extra={"command": template}))
+    r = CommandRunner(spec(device="cuda:0", command=template))
     assert r.argv() == [
         "serve",
         "/models/m.gguf",
@@ -123,7 +123,7 @@ async def test_command_template_placeholders() -> None:
         "m",
         "cuda:0",
     ]
-    bad = CommandRunner(spec(extra={"command": ["serve", "{modle}"]}))
+    bad = CommandRunner(spec(command=["serve", "{modle}"]))
     with pytest.raises(ConfigError, match=r"unknown placeholder \{modle\}"):
         bad.argv()
     assert runner_class("command") is CommandRunner
@@ -135,7 +135,7 @@ async def test_command_template_placeholders() -> None:
 
 def fake(*flags: str, **kw: object) -> CommandRunner:
     command = [sys.executable, str(FAKE_RUNNER), "--port", "{port}", "--name", "{name}", *flags]
-    return CommandRunner(spec(device="host", extra={"command": command}), **kw)  # type: ignore[arg-type]
+    return CommandRunner(spec(device="host", command=command), **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(30)
@@ -213,7 +213,7 @@ async def test_stop_kills_the_whole_group_even_when_it_ignores_sigterm() -> None
 
 @pytest.mark.timeout(30)
 async def test_a_missing_program_is_a_runner_error() -> None:
-    r = CommandRunner(spec(extra={"command": ["/nonexistent/server", "{port}"]}))
+    r = CommandRunner(spec(command=["/nonexistent/server", "{port}"]))
     with pytest.raises(RunnerError, match="cannot start the command runner for 'm'"):
         await r.start()
 
@@ -250,7 +250,7 @@ async def test_output_is_read_in_batches_without_losing_or_blocking() -> None:
         "for i in range(200_000): sys.stdout.write('line %d\\n' % i)\n"
         "sys.stdout.write('no newline at the end')\n"
     )
-    r = CommandRunner(spec(extra={"command": [sys.executable, "-c", script]}), tail_lines=64)
+    r = CommandRunner(spec(command=[sys.executable, "-c", script]), tail_lines=64)
     t0 = time.monotonic()
     await r.start()
     assert await asyncio.wait_for(r.wait_exit(), 20) == 0

@@ -703,14 +703,6 @@ class Scheduler:
 
     def _make_runner(self, inst: _Instance) -> Runner:
         cfg = inst.entry.config
-        extra: dict[str, Any] = {
-            "details": inst.entry.details,
-            "chat_format": cfg.chat_format,
-            "command": cfg.command,
-            "binary": self.settings.llama_server,
-        }
-        if cfg.embedding is not None:
-            extra["embedding"] = cfg.embedding
         spec = LaunchSpec(
             name=inst.key,
             model_path=inst.entry.path,
@@ -723,7 +715,11 @@ class Scheduler:
             env=dict(cfg.env),
             health_path=cfg.health_path if cfg.runner == "command" else None,
             args=tuple(cfg.args),
-            extra=extra,
+            embedding=cfg.embedding,
+            chat_format=cfg.chat_format,
+            command=cfg.command,
+            binary=self.settings.llama_server,
+            details=inst.entry.details,
         )
         return runner_class(cfg.runner)(spec, on_exit=self._on_runner_exit)
 
@@ -870,29 +866,13 @@ class Scheduler:
         return fit.gpu_bytes, fit.layers
 
     def _estimate_options(self, entry: ModelEntry, want: LoadOptions) -> dict[str, Any]:
-        """The estimator's options for the command line the runner kind will use."""
-        kind = entry.runner
-        embedding = entry.config.embedding
-        if embedding is None:
-            embedding = kind == "llama-cpp-python"
-        if kind == "llama-server":
-            return llama_server_estimate_options(
-                ctx=want.ctx, parallel=want.parallel, kv_type=want.kv_type, embedding=embedding
-            )
-        # llama-cpp-python: n_batch 512 and llama.cpp's full-size sliding-window cache. With
-        # --embedding it also sets n_seq_max = min(n_batch, 256) over one unified KV cache, which
-        # grows the output buffer by ~256 MiB (measured by the estimator's llama.cpp comparison).
-        opts: dict[str, Any] = {
-            "ctx": want.ctx,
-            "parallel": 1,
-            "kv_type": want.kv_type,
-            "embeddings": embedding,
-            "batch": 512,
-            "swa_full": True,
-        }
-        if embedding:
-            opts.update(parallel=256, kv_unified=True)
-        return opts
+        """The estimator's options for the command line the runner kind will use (its own)."""
+        return runner_class(entry.runner).estimate_options(
+            ctx=want.ctx,
+            parallel=want.parallel,
+            kv_type=want.kv_type,
+            embedding=entry.config.embedding,
+        )
 
     def _has_gpu(self) -> bool:
         return any(d.id != HOST_DEVICE for d in self.core.devices())
@@ -1013,23 +993,6 @@ def _discover(settings: Settings) -> tuple[MemoryProbe, list[DeviceInfo]]:
     else:
         probe = open_probe(settings.probe)
     return probe, discover_devices(probe)
-
-
-def llama_server_estimate_options(
-    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False
-) -> dict[str, Any]:
-    """The estimator's options for the command line LlamaServerRunner builds (``ctx`` per slot)."""
-    return {
-        "ctx": ctx * parallel,  # its --ctx-size is shared by the slots: each gets ctx
-        "parallel": parallel,
-        "kv_type": kv_type,
-        "embeddings": embedding,
-        "swa_full": False,
-        # llama-server's default `-fa auto`: on unless CUDA lacks the model's head size.
-        "flash_attn": "auto",
-        # It reserves logits for one token per slot (all of a batch only when serving embeddings).
-        "n_outputs": None if embedding else parallel,
-    }
 
 
 def _estimate(entry: ModelEntry, **options: Any) -> Any:

@@ -47,6 +47,7 @@ from typing import Literal
 
 from residency.errors import EstimateError
 from residency.estimate._gguf import ModelInfo, TensorInfo, read_model
+from residency.llamacpp import KV_CACHE_TYPES, needs_flash_attn
 
 __all__ = [
     "DEFAULT_GPU_OVERHEAD_BYTES",
@@ -70,17 +71,9 @@ MiB = 1 << 20
 #: similar fixed amount per GPU (``OLLAMA_GPU_OVERHEAD`` adds to it).
 DEFAULT_GPU_OVERHEAD_BYTES = 768 * MiB
 
-#: KV cache types -> (elements per block, bytes per block), as ggml's type traits.
+#: KV cache types -> (elements per block, bytes per block) (residency.llamacpp owns the table).
 KV_TYPES: dict[str, tuple[int, int]] = {
-    "f32": (1, 4),
-    "f16": (1, 2),
-    "bf16": (1, 2),
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_1": (32, 20),
-    "q5_0": (32, 22),
-    "q5_1": (32, 24),
-    "iq4_nl": (32, 18),
+    name: (t.block, t.block_bytes) for name, t in KV_CACHE_TYPES.items()
 }
 
 LLAMA_MAX_SEQ = 256  # llama-cparams.h
@@ -284,7 +277,7 @@ def _options(
         raise EstimateError(
             f"{p}: unknown KV cache type {kv_type!r} (one of {', '.join(KV_TYPES)})"
         )
-    quantized = KV_TYPES[kv][0] > 1
+    quantized = needs_flash_attn(kv)
     if flash_attn not in (None, True, False, "auto"):
         raise EstimateError(f"{p}: flash_attn must be True, False, None or 'auto'")
     if flash_attn is False and quantized:

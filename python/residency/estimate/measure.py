@@ -9,38 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from residency.errors import EstimateError
+from residency.llamacpp import KV_CACHE_TYPES, needs_flash_attn, parse_buffer_line
 
-# ggml's type ids for the KV cache types llama.cpp accepts (ggml.h, enum ggml_type).
-GGML_TYPE_IDS: dict[str, int] = {
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 6,
-    "q5_1": 7,
-    "q8_0": 8,
-    "iq4_nl": 20,
-    "bf16": 30,
-}
-
-# "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB"
-# "llama_kv_cache:        CPU KV buffer size =    60.00 MiB"
-# "llama_context:        CPU  output buffer size =     1.00 MiB"
-# "sched_reserve:        CPU compute buffer size =   514.50 MiB"
-# llama-server (with -lv 4) prefixes a timestamp and a level: "0.00.812.345 I load_tensors: ..."
-_BUFFER_LINE = re.compile(
-    r"^(?:[0-9.]+ [A-Z] )?(?P<where>\w+):\s+(?P<dev>[A-Za-z][\w]*)\s+"
-    r"(?P<what>model|KV|RS|output|compute)\s+"
-    r"buffer size\s*=\s*(?P<mib>[0-9.]+)\s*MiB\s*$"
-)
-_MIB = 1 << 20
+#: ggml's type ids of the KV cache types llama.cpp accepts (residency.llamacpp owns the table).
+GGML_TYPE_IDS: dict[str, int] = {name: t.type_id for name, t in KV_CACHE_TYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -63,11 +41,11 @@ def parse_buffers(log: str) -> Measured:
     """The buffer sizes in a llama.cpp log (the lines llama.cpp prints while loading)."""
     buffers: dict[tuple[str, str], int] = {}
     for line in log.splitlines():
-        m = _BUFFER_LINE.match(line.strip())
-        if m is None:
+        buffer = parse_buffer_line(line)
+        if buffer is None:
             continue
-        key = (m["dev"], m["what"])
-        buffers[key] = buffers.get(key, 0) + round(float(m["mib"]) * _MIB)
+        key = (buffer.device, buffer.kind)
+        buffers[key] = buffers.get(key, 0) + round(buffer.size_bytes)
     return Measured(buffers)
 
 
@@ -94,7 +72,7 @@ def measure(
     kv = kv_type.lower()
     if kv not in GGML_TYPE_IDS:
         raise EstimateError(f"{path}: unknown KV cache type {kv_type!r}")
-    fa = flash_attn if flash_attn is not None else kv not in ("f16", "f32", "bf16")
+    fa = flash_attn if flash_attn is not None else needs_flash_attn(kv)
     opts = {
         "path": str(Path(path)),
         "n_gpu_layers": gpu_layers,

@@ -21,12 +21,13 @@ import socket
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from residency.errors import RunnerError
+from residency.llamacpp import parse_buffer_line
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
 
@@ -35,15 +36,6 @@ __all__ = ["LaunchSpec", "Runner", "free_port"]
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-
-# llama.cpp reports each buffer it allocates, e.g.
-#   "load_tensors:   CPU_Mapped model buffer size =   235.16 MiB"
-#   "llama_kv_cache:      CUDA0 KV buffer size =    15.00 MiB"
-_BUFFER = re.compile(
-    r"\b(?P<dev>[A-Za-z][\w]*)\s+(?P<what>model|KV|compute|output|RS)\s+buffer size\s*=\s*"
-    r"(?P<size>[\d.]+)\s*(?P<unit>[KMG]i?B|B)\b"
-)
-_UNITS = {"B": 1, "KB": 1e3, "KiB": 1024, "MB": 1e6, "MiB": 1024**2, "GB": 1e9, "GiB": 1024**3}
 
 
 @dataclass(frozen=True)
@@ -63,8 +55,16 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     health_path: str | None = None
     args: tuple[str, ...] = ()
-    #: Kind-specific options (command template, embedding, chat_format, binary, details).
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Serve embeddings too; None: the kind's default (``Runner.default_embedding``).
+    embedding: bool | None = None
+    #: llama-cpp-python's --chat_format; None: the GGUF's own template (or its family's).
+    chat_format: str | None = None
+    #: The command kind's argv template ({model}, {port}, ... placeholders).
+    command: Sequence[str] | None = None
+    #: llama-server's binary; None: the one on PATH.
+    binary: str | None = None
+    #: The registry's details of the model file (family, has_chat_template).
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def on_gpu(self) -> bool:
@@ -85,6 +85,8 @@ class Runner(ABC):
     #: Whether the kind can run part of a model on the GPU and the rest on the CPU.
     supports_offload: ClassVar[bool] = False
     default_health_path: ClassVar[str] = "/v1/models"
+    #: Whether it serves embeddings when the model's config does not say (LaunchSpec.embedding).
+    default_embedding: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -120,6 +122,27 @@ class Runner(ABC):
     @abstractmethod
     def argv(self) -> list[str]:
         """The command line; element 0 is the program. Never run through a shell."""
+
+    @classmethod
+    def estimate_options(
+        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+    ) -> dict[str, Any]:
+        """residency.estimate's options for the memory this kind's process will allocate.
+
+        A kind that does not run llama.cpp in a known way (the command kind) is estimated as
+        llama-cpp-python would load the file; give such a model a `memory` to reserve instead.
+        """
+        from residency.runners.llama import LlamaCppPythonRunner
+
+        return LlamaCppPythonRunner.estimate_options(
+            ctx=ctx, parallel=parallel, kv_type=kv_type, embedding=embedding
+        )
+
+    @property
+    def embedding(self) -> bool:
+        """Whether this runner serves embeddings (the spec's choice, else the kind's default)."""
+        e = self.spec.embedding
+        return self.default_embedding if e is None else e
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -314,11 +337,10 @@ class Runner(ABC):
         self._last_output_s = time.monotonic()
         for line in lines:
             self._tail.append(line)
-            m = _BUFFER.search(line)
-            if m:
-                nbytes = int(float(m["size"]) * _UNITS[m["unit"]])
-                key = f"{m['dev']}/{m['what']}"
-                self._buffers[key] = self._buffers.get(key, 0) + nbytes
+            buffer = parse_buffer_line(line)
+            if buffer is not None:
+                key = f"{buffer.device}/{buffer.kind}"
+                self._buffers[key] = self._buffers.get(key, 0) + int(buffer.size_bytes)
 
     async def _wait_exit(self) -> None:
         assert self._proc is not None

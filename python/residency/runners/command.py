@@ -31,7 +31,7 @@ class CommandRunner(Runner):
 
     def argv(self) -> list[str]:
         s = self.spec
-        template = s.extra.get("command")
+        template = s.command
         if not template:
             raise ConfigError(f"model {s.name!r}: runner 'command' needs a command template")
         values = {

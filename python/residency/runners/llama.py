@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from residency.errors import ConfigError
+from residency.llamacpp import KV_CACHE_TYPES, needs_flash_attn, slots_ctx_size
 from residency.runners.base import LOOPBACK, Runner
 
-__all__ = ["LlamaCppPythonRunner", "LlamaServerRunner", "kv_type_id"]
+__all__ = [
+    "LlamaCppPythonRunner",
+    "LlamaServerRunner",
+    "kv_type_id",
+    "llama_server_estimate_options",
+]
 
 # llama-cpp-python has no template for GGUFs that ship none; these families have a built-in format.
 _CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama-2"}
@@ -17,12 +23,27 @@ _CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama"
 
 def kv_type_id(kv_type: str) -> int:
     """ggml's numeric type for a KV cache type name ("f16", "q8_0"), as llama-cpp-python wants."""
-    from gguf import GGMLQuantizationType
+    kv = KV_CACHE_TYPES.get(kv_type.lower())
+    if kv is None:
+        raise ConfigError(f"unknown KV cache type {kv_type!r} (one of {', '.join(KV_CACHE_TYPES)})")
+    return kv.type_id
 
-    try:
-        return int(GGMLQuantizationType[kv_type.upper()].value)
-    except KeyError:
-        raise ConfigError(f"unknown KV cache type {kv_type!r} (e.g. f16, q8_0, q4_0)") from None
+
+def llama_server_estimate_options(
+    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False
+) -> dict[str, Any]:
+    """The estimator's options for the command line LlamaServerRunner builds (``ctx`` per slot)."""
+    return {
+        "ctx": slots_ctx_size(ctx, parallel),
+        "parallel": parallel,
+        "kv_type": kv_type,
+        "embeddings": embedding,
+        "swa_full": False,
+        # llama-server's default `-fa auto`: on unless CUDA lacks the model's head size.
+        "flash_attn": "auto",
+        # It reserves logits for one token per slot (all of a batch only when serving embeddings).
+        "n_outputs": None if embedding else parallel,
+    }
 
 
 class LlamaCppPythonRunner(Runner):
@@ -32,6 +53,31 @@ class LlamaCppPythonRunner(Runner):
     kind: ClassVar[str] = "llama-cpp-python"
     supports_offload: ClassVar[bool] = True
     default_health_path: ClassVar[str] = "/v1/models"
+    # Embeddings on does not stop generation (checked with Gemma 3 270M), so /api/embed works
+    # with any model as in Ollama; it costs a larger output buffer.
+    default_embedding: ClassVar[bool] = True
+
+    @classmethod
+    def estimate_options(
+        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+    ) -> dict[str, Any]:
+        if embedding is None:
+            embedding = cls.default_embedding
+        # n_batch 512 and llama.cpp's full-size sliding-window cache. With --embedding it also
+        # sets n_seq_max = min(n_batch, 256) over one unified KV cache, which grows the output
+        # buffer by ~256 MiB (measured by the estimator's llama.cpp comparison). It serves one
+        # request at a time, whatever `parallel` says.
+        opts: dict[str, Any] = {
+            "ctx": ctx,
+            "parallel": 1,
+            "kv_type": kv_type,
+            "embeddings": embedding,
+            "batch": 512,
+            "swa_full": True,
+        }
+        if embedding:
+            opts.update(parallel=256, kv_unified=True)
+        return opts
 
     def argv(self) -> list[str]:
         s = self.spec
@@ -54,10 +100,8 @@ class LlamaCppPythonRunner(Runner):
             # mlock needs an RLIMIT_MEMLOCK most containers lack; residency budgets memory itself.
             "--use_mlock",
             "false",
-            # Embeddings on does not stop generation (checked with Gemma 3 270M), so /api/embed
-            # works with any model as in Ollama; it costs a larger output buffer.
             "--embedding",
-            "true" if s.extra.get("embedding", True) else "false",
+            "true" if self.embedding else "false",
             # Verbose: llama.cpp's buffer-size lines are how the runner reports its memory.
             "--verbose",
             "true",
@@ -65,10 +109,10 @@ class LlamaCppPythonRunner(Runner):
         if s.kv_type.lower() != "f16":
             kv = str(kv_type_id(s.kv_type))
             argv += ["--type_k", kv, "--type_v", kv]
-            if s.kv_type.lower() != "f32":
-                argv += ["--flash_attn", "true"]  # llama.cpp needs it for a quantised V cache
-        chat_format = s.extra.get("chat_format")
-        details = s.extra.get("details") or {}
+            if needs_flash_attn(s.kv_type):
+                argv += ["--flash_attn", "true"]
+        chat_format = s.chat_format
+        details = s.details
         if chat_format is None and not details.get("has_chat_template", True):
             chat_format = _CHAT_FORMATS.get(str(details.get("family", "")))
         if chat_format:
@@ -83,9 +127,20 @@ class LlamaServerRunner(Runner):
     supports_offload: ClassVar[bool] = True
     default_health_path: ClassVar[str] = "/health"  # 503 while loading, 200 when ready
 
+    @classmethod
+    def estimate_options(
+        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+    ) -> dict[str, Any]:
+        return llama_server_estimate_options(
+            ctx=ctx,
+            parallel=parallel,
+            kv_type=kv_type,
+            embedding=cls.default_embedding if embedding is None else embedding,
+        )
+
     def argv(self) -> list[str]:
         s = self.spec
-        binary = s.extra.get("binary") or shutil.which("llama-server")
+        binary = s.binary or shutil.which("llama-server")
         if not binary:
             raise ConfigError(
                 f"model {s.name!r} uses runner 'llama-server', but no llama-server is on PATH "
@@ -101,9 +156,8 @@ class LlamaServerRunner(Runner):
             LOOPBACK,
             "--port",
             str(self.port),
-            # llama-server's context is shared by its slots: each slot gets ctx.
             "--ctx-size",
-            str(s.ctx * s.parallel),
+            str(slots_ctx_size(s.ctx, s.parallel)),
             "--parallel",
             str(s.parallel),
             "--n-gpu-layers",
@@ -114,6 +168,6 @@ class LlamaServerRunner(Runner):
             s.kv_type,
         ]
         # Older llama-servers serve only embeddings with --embeddings: off unless asked for.
-        if s.extra.get("embedding") is True:
+        if self.embedding:
             argv.append("--embeddings")
         return argv + list(s.args)
