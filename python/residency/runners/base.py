@@ -11,14 +11,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import fcntl
 import logging
 import os
-import re
 import signal
 import socket
-import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +24,12 @@ from typing import Any, ClassVar
 
 from residency.errors import RunnerError
 from residency.llamacpp import parse_buffer_line
+from residency.runners._process import (
+    CAN_DIE_WITH_PARENT,
+    OutputPipe,
+    die_with_parent,
+    group_has_live_members,
+)
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
 
@@ -110,7 +112,7 @@ class Runner(ABC):
         self._buffers: dict[str, int] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._pgid: int | None = None
-        self._output: _OutputPipe | None = None
+        self._output: OutputPipe | None = None
         self._waiter: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._stopping = False
@@ -188,7 +190,7 @@ class Runner(ABC):
                 stderr=write_fd,
                 env=self.environment(),
                 start_new_session=True,  # its own group: stop() signals every child too
-                preexec_fn=_die_with_parent if _PRCTL is not None else None,
+                preexec_fn=die_with_parent if CAN_DIE_WITH_PARENT else None,
             )
         except OSError as err:
             os.close(read_fd)
@@ -202,7 +204,7 @@ class Runner(ABC):
         finally:
             os.close(write_fd)
         self._pgid = self._proc.pid  # session leader: pgid == pid
-        self._output = _OutputPipe(read_fd, self._take_lines)
+        self._output = OutputPipe(read_fd, self._take_lines)
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"runner-wait-{self.pid}")
 
     async def wait_ready(self, stall_timeout_s: float, *, interval_s: float = 0.01) -> float:
@@ -388,119 +390,10 @@ class Runner(ABC):
         except PermissionError:
             return True
         # A group that holds only zombies (children not yet reaped by us) is dead for our purpose.
-        return not (self.exited and not _group_has_live_members(self._pgid))
+        return not (self.exited and not group_has_live_members(self._pgid))
 
     def _signal_group(self, sig: signal.Signals) -> None:
         if self._pgid is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._pgid, sig)
-
-
-class _OutputPipe:
-    """The runner's stdout and stderr (one pipe), read in batches off the event loop's hot path.
-
-    llama.cpp-based runners print a few lines around every request. Waking a reader task per
-    line cost 0.7 ms of CPU per request; instead the first byte of a burst schedules one read of
-    everything pending a moment later (:data:`BATCH_DELAY_S`). Lines feed the ring buffer and the
-    buffer report as before; the pipe is enlarged so a chatty load never waits for that read.
-    """
-
-    BATCH_DELAY_S = 0.02
-
-    def __init__(self, fd: int, on_lines: Callable[[list[str]], None]) -> None:
-        self._fd = fd
-        self._on_lines = on_lines
-        self._pending = b""
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-        self._closed = False
-        os.set_blocking(fd, False)
-        with contextlib.suppress(OSError, AttributeError):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # Linux; capped by pipe-max-size
-        self._loop.add_reader(fd, self._readable)
-
-    def _readable(self) -> None:
-        self._loop.remove_reader(self._fd)
-        self._timer = self._loop.call_later(self.BATCH_DELAY_S, self._drain)
-
-    def _drain(self) -> None:
-        self._timer = None
-        if self._read_available():
-            self._loop.add_reader(self._fd, self._readable)
-        else:
-            self.close()
-
-    def flush(self) -> None:
-        """Takes what the runner printed so far now, not a moment later."""
-        if not self._closed and not self._read_available():
-            self.close()
-
-    def _read_available(self) -> bool:
-        """Reads what the pipe holds; False at its end (every writer exited)."""
-        lines: list[str] = []
-        open_ = True
-        while True:
-            try:
-                chunk = os.read(self._fd, 1 << 16)
-            except BlockingIOError:
-                break
-            except OSError:
-                open_ = False
-                break
-            if not chunk:
-                open_ = False
-                break
-            self._pending += chunk
-            *complete, self._pending = re.split(rb"\r?\n|\r", self._pending)
-            lines += (raw.decode("utf-8", "replace") for raw in complete)
-            if len(self._pending) > 65536:  # a line without end: keep its head
-                lines.append(self._pending[:4096].decode("utf-8", "replace"))
-                self._pending = b""
-        if not open_ and self._pending:
-            lines.append(self._pending.decode("utf-8", "replace"))
-            self._pending = b""
-        if lines:
-            self._on_lines(lines)
-        return open_
-
-    def close(self) -> None:
-        """Takes what is left in the pipe, then stops reading it (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._loop.remove_reader(self._fd)
-        self._read_available()
-        if self._pending:
-            self._on_lines([self._pending.decode("utf-8", "replace")])
-            self._pending = b""
-        os.close(self._fd)
-
-
-# prctl, looked up before any fork: the child may only make a plain C call between fork and exec.
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL it when the process that started it dies, so a crashed
-    or killed server never leaves a runner holding memory with nobody to stop it."""
-    assert _PRCTL is not None
-    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-
-
-def _group_has_live_members(pgid: int) -> bool:
-    """Whether any non-zombie process is in group `pgid` (scans /proc; used only while stopping)."""
-    with os.scandir("/proc") as entries:  # closed on the early return too
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if len(stat) > 2 and int(stat[2]) == pgid and stat[0] != "Z":
-                return True
-    return False

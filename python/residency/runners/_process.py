@@ -1,0 +1,130 @@
+"""What a runner's OS process needs below the Runner class: its output pipe, read in batches,
+dying with its parent, and whether any of its process group is still alive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["CAN_DIE_WITH_PARENT", "OutputPipe", "die_with_parent", "group_has_live_members"]
+
+
+class OutputPipe:
+    """The runner's stdout and stderr (one pipe), read in batches off the event loop's hot path.
+
+    llama.cpp-based runners print a few lines around every request. Waking a reader task per
+    line cost 0.7 ms of CPU per request; instead the first byte of a burst schedules one read of
+    everything pending a moment later (:data:`BATCH_DELAY_S`). Lines feed the ring buffer and the
+    buffer report as before; the pipe is enlarged so a chatty load never waits for that read.
+    """
+
+    BATCH_DELAY_S = 0.02
+
+    def __init__(self, fd: int, on_lines: Callable[[list[str]], None]) -> None:
+        self._fd = fd
+        self._on_lines = on_lines
+        self._pending = b""
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        os.set_blocking(fd, False)
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # Linux; capped by pipe-max-size
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        self._loop.remove_reader(self._fd)
+        self._timer = self._loop.call_later(self.BATCH_DELAY_S, self._drain)
+
+    def _drain(self) -> None:
+        self._timer = None
+        if self._read_available():
+            self._loop.add_reader(self._fd, self._readable)
+        else:
+            self.close()
+
+    def flush(self) -> None:
+        """Takes what the runner printed so far now, not a moment later."""
+        if not self._closed and not self._read_available():
+            self.close()
+
+    def _read_available(self) -> bool:
+        """Reads what the pipe holds; False at its end (every writer exited)."""
+        lines: list[str] = []
+        open_ = True
+        while True:
+            try:
+                chunk = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:
+                open_ = False
+                break
+            if not chunk:
+                open_ = False
+                break
+            self._pending += chunk
+            *complete, self._pending = re.split(rb"\r?\n|\r", self._pending)
+            lines += (raw.decode("utf-8", "replace") for raw in complete)
+            if len(self._pending) > 65536:  # a line without end: keep its head
+                lines.append(self._pending[:4096].decode("utf-8", "replace"))
+                self._pending = b""
+        if not open_ and self._pending:
+            lines.append(self._pending.decode("utf-8", "replace"))
+            self._pending = b""
+        if lines:
+            self._on_lines(lines)
+        return open_
+
+    def close(self) -> None:
+        """Takes what is left in the pipe, then stops reading it (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._loop.remove_reader(self._fd)
+        self._read_available()
+        if self._pending:
+            self._on_lines([self._pending.decode("utf-8", "replace")])
+            self._pending = b""
+        os.close(self._fd)
+
+
+# prctl, looked up before any fork: the child may only make a plain C call between fork and exec.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+#: Whether die_with_parent can work here (Linux).
+CAN_DIE_WITH_PARENT = _PRCTL is not None
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGKILL it when the process that started it dies, so a crashed
+    or killed server never leaves a runner holding memory with nobody to stop it."""
+    assert _PRCTL is not None
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def group_has_live_members(pgid: int) -> bool:
+    """Whether any non-zombie process is in group `pgid` (scans /proc; used only while stopping)."""
+    with os.scandir("/proc") as entries:  # closed on the early return too
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if len(stat) > 2 and int(stat[2]) == pgid and stat[0] != "Z":
+                return True
+    return False
