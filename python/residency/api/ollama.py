@@ -28,7 +28,7 @@ from residency.api.schemas import (
     GenerateRequest,
     ShowRequest,
 )
-from residency.api.state import State, api_state, body_schema, check_keep_alive
+from residency.api.state import State, api_state, body_schema
 from residency.api.translate import (
     Generation,
     chat_body,
@@ -77,14 +77,13 @@ async def chat(call: Call) -> Response:
 async def _load_or_unload(
     call: Call, req: GenerateRequest | ChatRequest, *, chat: bool
 ) -> Response:
-    call.admit(req.model, req.keep_alive)
+    keep_alive_ns = call.admit(req.model, req.keep_alive, split_options(req.options)[1])
     sched = call.state.scheduler
-    if check_keep_alive(req.keep_alive) == 0:
+    if keep_alive_ns == 0:
         await sched.unload(sched.resolve(req.model).name)
         reason = "unload"
     else:
-        _, load_options = split_options(req.options)
-        await call.load(req.model, req.keep_alive, load_options)
+        await call.load()
         reason = "load"
     out: dict[str, Any] = {"model": req.model, "created_at": rfc3339_now()}
     if chat:
@@ -105,13 +104,12 @@ async def _generation(
     chat: bool,
 ) -> Response:
     stream = req.stream is not False
-    call.admit(req.model, req.keep_alive, stream=stream)
-    _, load_options = split_options(req.options)
+    call.admit(req.model, req.keep_alive, split_options(req.options)[1], stream=stream)
     asked = req.model
     rec = call.rec
 
     def opening() -> Awaitable[Upstream]:
-        return call.open_stream(asked, req.keep_alive, load_options, path, _named(body))
+        return call.open_stream(path, _named(body))
 
     if not stream:
 
@@ -202,18 +200,14 @@ def _final(
 async def embed(call: Call) -> Response:
     """Embeddings for one text or many, L2-normalised as Ollama returns them."""
     req = EmbedRequest.model_validate_json(await call.body())
-    call.admit(req.model, req.keep_alive)
+    call.admit(req.model, req.keep_alive, split_options(req.options)[1])
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     inputs = [text for text in inputs if text]
     out: dict[str, Any] = {"model": req.model, "embeddings": []}
-    load_options = split_options(req.options)[1]
     if not inputs:  # only load the model
-        load_ns = await call.load(req.model, req.keep_alive, load_options)
+        load_ns = await call.load()
     else:
-        body = {"model": req.model, "input": inputs}
-        result, load_ns = await call.embed(
-            req.model, req.keep_alive, load_options, body=_named(body)
-        )
+        result, load_ns = await call.embed(_named({"model": req.model, "input": inputs}))
         out["embeddings"] = shaped_embeddings(result.vectors, req.dimensions, normalise=True)
     out["total_duration"] = now_ns() - call.rec.t_start
     out["load_duration"] = load_ns
@@ -227,13 +221,11 @@ async def embed(call: Call) -> Response:
 async def embeddings(call: Call) -> Response:
     """The legacy single-text endpoint: ``{"embedding": [...]}``, not normalised."""
     req = EmbeddingsRequest.model_validate_json(await call.body())
-    call.admit(req.model, req.keep_alive)
-    load_options = split_options(req.options)[1]
+    call.admit(req.model, req.keep_alive, split_options(req.options)[1])
     if not req.prompt:  # only load the model
-        await call.load(req.model, req.keep_alive, load_options)
+        await call.load()
         return call.respond({"embedding": []})
-    body = {"model": req.model, "input": [req.prompt]}
-    result, _ = await call.embed(req.model, req.keep_alive, load_options, body=_named(body))
+    result, _ = await call.embed(_named({"model": req.model, "input": [req.prompt]}))
     return call.respond({"embedding": result.vectors[0] if result.vectors else []})
 
 

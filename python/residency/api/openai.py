@@ -61,10 +61,8 @@ async def completions(call: Call) -> Response:
 async def embeddings(call: Call) -> Response:
     raw = await call.body()
     req = OpenAIEmbeddingRequest.model_validate_json(raw)
-    call.admit(req.model, req.keep_alive)
-    result, _ = await call.embed(
-        req.model, req.keep_alive, _load_options(req), _runner_body(req, raw, _EXTENSIONS_B64)
-    )
+    call.admit(req.model, req.keep_alive, _load_options(req))
+    result, _ = await call.embed(_runner_body(req, raw, _EXTENSIONS_B64))
     data = result.data
     data["model"] = req.model
     rows = sorted(data.get("data") or (), key=lambda d: d.get("index", 0))
@@ -136,16 +134,14 @@ def _rename(content: bytes, asked: str) -> bytes:
 async def _forward(
     call: Call, req: _OpenAIBase, *, path: str, raw: bytes, stream: bool
 ) -> Response:
-    call.admit(req.model, req.keep_alive, stream=stream)
+    call.admit(req.model, req.keep_alive, _load_options(req), stream=stream)
     asked = req.model
     body = _runner_body(req, raw, _EXTENSIONS)
     if not stream:
-        content = await call.complete(asked, req.keep_alive, _load_options(req), path, body)
+        content = await call.complete(path, body)
         return call.respond(_rename(content, asked))
 
-    upstream = await call.until_disconnected(
-        call.open_stream(asked, req.keep_alive, _load_options(req), path, body)
-    )
+    upstream = await call.until_disconnected(call.open_stream(path, body))
 
     async def events() -> AsyncIterator[bytes]:
         async for event, _ in upstream:

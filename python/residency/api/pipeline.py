@@ -55,29 +55,35 @@ class Upstream:
 class Call:
     """One request on its way through the pipeline."""
 
-    __slots__ = ("rec", "request", "state")
+    __slots__ = ("keep_alive", "model", "options", "rec", "request", "state")
 
     def __init__(self, request: Request, state: ApiState, rec: RequestRecord) -> None:
         self.request = request
         self.state = state
         self.rec = rec
+        #: What the request asks the scheduler for (set by :meth:`admit`).
+        self.model = ""
+        self.keep_alive: KeepAlive = None
+        self.options: Options = None
 
     async def body(self) -> bytes:
         return await read_body(self.request)
 
-    def admit(self, model: str, keep_alive: KeepAlive, *, stream: bool = False) -> None:
-        """Records what was asked, and rejects a bad keep_alive before anything is queued."""
+    def admit(
+        self, model: str, keep_alive: KeepAlive, options: Options = None, *, stream: bool = False
+    ) -> int | None:
+        """Notes (and records) the model asked for, with its keep-alive and load options;
+        rejects a bad keep_alive before anything is queued. Returns keep_alive in ns."""
+        self.model, self.keep_alive, self.options = model, keep_alive, options
         self.rec.model = model
         self.rec.stream = stream
-        check_keep_alive(keep_alive)
+        return check_keep_alive(keep_alive)
 
     @asynccontextmanager
-    async def lease(
-        self, model: str, keep_alive: KeepAlive, options: Options
-    ) -> AsyncIterator[LeaseLike]:
-        """The model, held (and recorded) for the block."""
+    async def lease(self) -> AsyncIterator[LeaseLike]:
+        """The admitted model, held (and recorded) for the block."""
         async with self.state.scheduler.session(
-            model, keep_alive=keep_alive, options=options
+            self.model, keep_alive=self.keep_alive, options=self.options
         ) as lease:
             self.rec.took(lease)
             yield lease
@@ -86,35 +92,21 @@ class Call:
         """`work`, cancelled (its lease released) if the client goes away first."""
         return await until_disconnected(self.request, work)
 
-    async def complete(
-        self,
-        model: str,
-        keep_alive: KeepAlive,
-        options: Options,
-        path: str,
-        body: Callable[[LeaseLike], Body],
-    ) -> bytes:
+    async def complete(self, path: str, body: Callable[[LeaseLike], Body]) -> bytes:
         """One unstreamed runner call inside a lease; the runner's JSON answer."""
 
         async def work() -> bytes:
-            async with self.lease(model, keep_alive, options) as lease:
+            async with self.lease() as lease:
                 return await lease.api.complete(path, body(lease))
 
         return await self.until_disconnected(work())
 
-    async def open_stream(
-        self,
-        model: str,
-        keep_alive: KeepAlive,
-        options: Options,
-        path: str,
-        body: Callable[[LeaseLike], Body],
-    ) -> Upstream:
+    async def open_stream(self, path: str, body: Callable[[LeaseLike], Body]) -> Upstream:
         """A lease and the runner's stream, opened up to its first event. The caller closes it
         (a :meth:`respond_stream` does); not wrapped in :meth:`until_disconnected`."""
         stack = AsyncExitStack()
         try:
-            lease = await stack.enter_async_context(self.lease(model, keep_alive, options))
+            lease = await stack.enter_async_context(self.lease())
             sent = body(lease)
             t_sent = now_ns()
             events = await lease.api.stream(path, sent)
@@ -126,22 +118,20 @@ class Call:
             await stack.aclose()
             raise
 
-    async def load(self, model: str, keep_alive: KeepAlive, options: Options) -> int:
+    async def load(self) -> int:
         """Only loads the model (a lease, released at once); its load_duration ns."""
 
         async def work() -> int:
-            async with self.lease(model, keep_alive, options) as lease:
+            async with self.lease() as lease:
                 return lease.load_duration_ns
 
         return await self.until_disconnected(work())
 
-    async def embed(
-        self, model: str, keep_alive: KeepAlive, options: Options, body: Callable[[LeaseLike], Body]
-    ) -> tuple[Embeddings, int]:
+    async def embed(self, body: Callable[[LeaseLike], Body]) -> tuple[Embeddings, int]:
         """(the runner's embeddings, load_duration ns)."""
 
         async def work() -> tuple[Embeddings, int]:
-            async with self.lease(model, keep_alive, options) as lease:
+            async with self.lease() as lease:
                 return await lease.api.embed(body(lease)), lease.load_duration_ns
 
         return await self.until_disconnected(work())
