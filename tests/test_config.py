@@ -255,3 +255,44 @@ def test_gguf_header_reader_against_the_gguf_writer(tmp_path: Path) -> None:
     assert gguf_details(cut) == {"format": "unknown"}
     with pytest.raises(ValueError, match="truncated"):
         read_gguf_header(cut)
+
+
+def test_one_gguf_parse_serves_registry_show_and_estimator(tmp_path: Path) -> None:
+    """The registry, /api/show and the estimator read a file version's header once, together."""
+    import os
+
+    from gguf import GGUFWriter
+
+    from residency.estimate import read_model
+    from residency.gguf_header import read_header
+    from residency.registry import model_info
+
+    path = tmp_path / "shared.gguf"
+
+    def write(ctx: int) -> None:
+        w = GGUFWriter(str(path), "llama")
+        w.add_context_length(ctx)
+        w.add_block_count(1)
+        w.add_embedding_length(8)
+        w.add_head_count(2)
+        w.add_token_list([f"t{i}" for i in range(5000)])  # longer than what is always read
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write(1024)
+    header = read_header(path)
+    assert read_header(path) is header  # cached: parsed once
+    assert header.array_lengths["tokenizer.ggml.tokens"] == 5000
+    assert header.metadata["tokenizer.ggml.tokens"] == []  # long arrays skipped, counted
+    info, _ = model_info(path, verbose=False)
+    assert info["llama.context_length"] == 1024
+    assert info["tokenizer.ggml.tokens"] == []
+    verbose, _ = model_info(path, verbose=True)
+    assert verbose["tokenizer.ggml.tokens"][:2] == ["t0", "t1"]
+    assert read_model(path).n_vocab == 5000
+    write(2048)  # a new version of the file is read again
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert read_header(path).metadata["llama.context_length"] == 2048
