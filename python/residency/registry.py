@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from residency.config import ModelConfig, Settings
-from residency.embedded import DEFAULT_MODEL_NAME, default_model_path
 from residency.errors import ConfigError, ModelNotFoundError
 from residency.gguf_header import read_header
+
+if TYPE_CHECKING:
+    from residency.catalog import DiscoveredModels
 
 __all__ = ["ModelEntry", "Registry", "gguf_details"]
 
@@ -62,10 +64,11 @@ class ModelEntry:
 
 
 class Registry:
-    """Name → ModelEntry. Built from settings.models, then settings.models_dir; the embedded default
-    Gemma 3 270M when neither names any model."""
+    """Name → ModelEntry. Built from settings.models, then the models found on disk
+    (residency.discovery); the embedded default Gemma 3 270M when none is found."""
 
     def __init__(self, entries: Iterable[ModelEntry]) -> None:
+        self._discovered: DiscoveredModels | None = None
         self._entries: dict[str, ModelEntry] = {}
         for entry in entries:
             if _canonical(entry.name) in self._entries:
@@ -74,26 +77,34 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
-        configs = list(settings.models)
-        names = {_canonical(c.name) for c in configs}
-        if settings.models_dir is not None:
-            for c in _scan_dir(settings.models_dir):
-                if _canonical(c.name) not in names:  # an explicit entry wins over the file
-                    configs.append(c)
-                    names.add(_canonical(c.name))
-        if not configs:
-            configs.append(ModelConfig(name=DEFAULT_MODEL_NAME, path=default_model_path()))
-        return cls(make_entry(c) for c in configs)
+        if settings.models_dir is not None and not settings.models_dir.is_dir():
+            raise ConfigError(f"models_dir {settings.models_dir} is not a directory")
+        from residency.catalog import DiscoveredModels
+
+        found = DiscoveredModels(settings, make_entry)
+        registry = cls(found.entries())
+        registry._discovered = found
+        return registry
+
+    def _refresh(self) -> None:
+        # Cheap when nothing changed (a few directory stats, at most every discover_interval_s).
+        if self._discovered is not None and self._discovered.refresh():
+            self._entries = {_canonical(e.name): e for e in self._discovered.entries()}
 
     def resolve(self, name: str) -> ModelEntry:
         """The entry for `name` ("gemma3:270m", "mymodel", "mymodel:latest")."""
-        entry = self._entries.get(_canonical(name.strip()))
+        key = _canonical(name.strip())
+        entry = self._entries.get(key)
+        if entry is None:
+            self._refresh()  # a model pulled since the last look
+            entry = self._entries.get(key)
         if entry is None:
             known = ", ".join(sorted(e.name for e in self._entries.values())) or "none"
             raise ModelNotFoundError(f"model {name!r} not found (configured models: {known})")
         return entry
 
     def entries(self) -> list[ModelEntry]:
+        self._refresh()
         return sorted(self._entries.values(), key=lambda e: e.name)
 
     def __len__(self) -> int:
@@ -102,16 +113,6 @@ class Registry:
 
 def _canonical(name: str) -> str:
     return name.removesuffix(_LATEST)
-
-
-def _scan_dir(directory: Path) -> list[ModelConfig]:
-    if not directory.is_dir():
-        raise ConfigError(f"models_dir {directory} is not a directory")
-    return [
-        ModelConfig(name=p.stem, path=p.resolve())
-        for p in sorted(directory.glob("*.gguf"))
-        if p.is_file()
-    ]
 
 
 def make_entry(config: ModelConfig) -> ModelEntry:

@@ -1,0 +1,150 @@
+"""The registry's models: the configured ones, then those found on disk (residency.discovery),
+each completed by the server-wide defaults, and kept current without a restart.
+
+Noticing a change costs a few directory stats at most every ``discover_interval_s``; only then are
+the sources rescanned, and only new or changed files have their GGUF header read again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from residency.config import ModelConfig, Settings
+from residency.discovery import Discovery, Found
+from residency.embedded import DEFAULT_MODEL_NAME, default_model_path
+
+if TYPE_CHECKING:
+    from residency.registry import ModelEntry
+
+__all__ = ["DiscoveredModels", "with_server_defaults"]
+
+log = logging.getLogger(__name__)
+
+# KV cache types that need flash attention in llama.cpp (a quantised V cache does).
+_UNQUANTISED_KV = frozenset({"f16", "f32", "bf16"})
+# How each llama.cpp runner kind is told to turn flash attention on or off.
+_FLASH_ATTENTION_ARGS = {
+    "llama-server": ("--flash-attn", {True: "on", False: "off"}),
+    "llama-cpp-python": ("--flash_attn", {True: "true", False: "false"}),
+}
+
+
+def with_server_defaults(config: ModelConfig, settings: Settings) -> ModelConfig:
+    """`config` with the settings' KV cache type and flash attention where it sets neither.
+
+    As in Ollama, a quantised KV cache with flash attention off falls back to f16.
+    """
+    kv_type = config.kv_type if "kv_type" in config.model_fields_set else settings.kv_cache_type
+    flash = config.flash_attention
+    if flash is None:
+        flash = settings.flash_attention
+    if flash is False and kv_type.lower() not in _UNQUANTISED_KV:
+        log.warning(
+            "model %s: KV cache type %s needs flash attention, which is off; using f16",
+            config.name,
+            kv_type,
+        )
+        kv_type = "f16"
+    args = list(config.args)
+    flag = _FLASH_ATTENTION_ARGS.get(config.runner)
+    if flash is not None and flag is not None:
+        args += [flag[0], flag[1][flash]]
+    if kv_type == config.kv_type and args == config.args and flash == config.flash_attention:
+        return config
+    return config.model_copy(update={"kv_type": kv_type, "flash_attention": flash, "args": args})
+
+
+class DiscoveredModels:
+    """Explicit models plus the discovered ones, as registry entries; `refresh` re-looks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        make_entry: Callable[[ModelConfig], ModelEntry],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._make_entry = make_entry
+        self._clock = clock
+        self._discovery = Discovery(settings)
+        self._explicit = [make_entry(with_server_defaults(c, settings)) for c in settings.models]
+        #: Entries of discovered files, reused while the file and its configuration are unchanged.
+        self._cache: dict[tuple[str, int, int], ModelEntry] = {}
+        self._fingerprint = self._discovery.fingerprint()
+        self._checked_at = self._clock()
+        self._entries = self._build()
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries)
+
+    @property
+    def shadowed(self) -> list[tuple[str, str, str]]:
+        """(name, the source kept, the source shadowed) for every duplicate name."""
+        return list(self._shadowed)
+
+    def refresh(self) -> bool:
+        """Rescans when a watched directory changed (checked at most every interval); True when
+        the list of entries changed."""
+        now = self._clock()
+        if now - self._checked_at < self._settings.discover_interval_s:
+            return False
+        self._checked_at = now
+        fingerprint = self._discovery.fingerprint()
+        if fingerprint == self._fingerprint:
+            return False
+        self._fingerprint = fingerprint
+        before = [(e.name, e.digest) for e in self._entries]
+        self._entries = self._build()
+        changed = before != [(e.name, e.digest) for e in self._entries]
+        if changed:
+            log.info("models on disk changed: %d models now", len(self._entries))
+        return changed
+
+    def _build(self) -> list[ModelEntry]:
+        entries = list(self._explicit)
+        names = {e.name.removesuffix(":latest"): f"config:{e.name}" for e in entries}
+        self._shadowed: list[tuple[str, str, str]] = []
+        cache: dict[tuple[str, int, int], ModelEntry] = {}
+        for found in self._discovery.scan():
+            key = found.config.name.removesuffix(":latest")
+            if key in names:  # explicit configuration wins over discovery
+                self._shadowed.append((found.config.name, names[key], found.source))
+                continue
+            entry = self._entry(found, cache)
+            if entry is not None:
+                entries.append(entry)
+                names[key] = found.source
+        self._shadowed += self._discovery.shadowed
+        self._cache = cache
+        for name, kept, shadowed in self._shadowed:
+            log.info("model %s: using %s; also found at %s", name, kept, shadowed)
+        if not entries:
+            default = ModelConfig(name=DEFAULT_MODEL_NAME, path=default_model_path())
+            entries.append(self._make_entry(with_server_defaults(default, self._settings)))
+        return entries
+
+    def _entry(
+        self, found: Found, cache: dict[tuple[str, int, int], ModelEntry]
+    ) -> ModelEntry | None:
+        config = with_server_defaults(found.config, self._settings)
+        try:
+            st = config.path.stat()
+        except OSError:
+            return None  # removed between the scan and now
+        key = (config.model_dump_json(), st.st_size, st.st_mtime_ns)
+        entry = self._cache.get(key)
+        if entry is None:
+            try:
+                entry = self._make_entry(config)
+            except Exception as err:  # one unreadable file must not hide the others
+                log.warning("skipping %s (%s): %s", config.name, found.source, err)
+                return None
+            if found.digest is not None:
+                entry = dataclasses.replace(entry, digest=found.digest)
+        cache[key] = entry
+        return entry
