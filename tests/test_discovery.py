@@ -62,7 +62,7 @@ def test_ollama_store_served_with_ollamas_names_and_layers(
     blob = store / "blobs" / f"sha256-{hashlib.sha256(ggufs['a'].read_bytes()).hexdigest()}"
     assert gemma.path == blob
     assert gemma.config.ctx == 2048  # num_ctx decides the load
-    assert gemma.config.options == GEMMA_PARAMS  # the rest: request defaults
+    assert gemma.config.parameters == GEMMA_PARAMS  # the rest: request defaults
     assert gemma.config.system == "You are terse."
     assert gemma.config.template == "{{ .Prompt }}"
     assert gemma.config.license == "Gemma Terms of Use"

@@ -88,8 +88,8 @@ class ModelConfig(BaseModel):
     chat_format: str | None = None
     #: Flash attention on or off; None = settings.flash_attention (then the runner's default).
     flash_attention: bool | None = None
-    #: Request options this model defaults to (Ollama's params layer: stop, temperature, top_k…).
-    options: dict[str, Any] = Field(default_factory=dict)
+    #: Request options this model defaults to (Ollama's PARAMETERs: stop, temperature, top_k…).
+    parameters: dict[str, Any] = Field(default_factory=dict)
     #: The model's default system prompt, its template (as Ollama stores it: a Go template, shown
     #: by /api/show; the runner applies the GGUF's own) and its license text.
     system: str | None = None

@@ -142,7 +142,7 @@ def _ollama_model(store: Path, name: str, manifest_path: Path) -> Found | None:
         num_ctx = params.pop("num_ctx", None)
         if isinstance(num_ctx, int) and num_ctx > 0:
             fields["ctx"] = num_ctx
-        fields["options"] = params
+        fields["parameters"] = params
     digest = hashlib.sha256(raw).hexdigest()
     return Found(ModelConfig(**fields), f"ollama:{manifest_path}", digest)
 
@@ -176,6 +176,9 @@ def hf_cache_models(cache_dir: Path | None) -> Iterator[Found]:
     try:
         info = scan_cache_dir(cache_dir)
     except CacheNotFound:
+        return
+    except (ValueError, OSError) as err:  # not a directory, unreadable
+        log.warning("cannot scan the Hugging Face cache %s: %s", cache_dir or "", err)
         return
     for warning in info.warnings:
         log.debug("Hugging Face cache: %s", warning)

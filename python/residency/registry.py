@@ -79,7 +79,7 @@ class Registry:
     def from_settings(cls, settings: Settings) -> Registry:
         if settings.models_dir is not None and not settings.models_dir.is_dir():
             raise ConfigError(f"models_dir {settings.models_dir} is not a directory")
-        from residency.catalog import DiscoveredModels
+        from residency.catalog import DiscoveredModels  # it builds entries with make_entry
 
         found = DiscoveredModels(settings, make_entry)
         registry = cls(found.entries())
