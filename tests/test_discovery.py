@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -221,19 +222,67 @@ def test_new_and_removed_models_noticed_cheaply(tmp_path: Path, ggufs: dict[str,
     assert [e.name for e in found.entries()] == ["first:1b"]
 
 
-def test_registry_resolves_a_model_pulled_after_start(
+def test_the_registry_sees_pulls_and_removals_from_its_watcher_thread(
     tmp_path: Path, ggufs: dict[str, Path]
 ) -> None:
     store = tmp_path / "ollama"
     write_ollama_model(store, "first:1b", ggufs["a"])
-    registry = Registry.from_settings(_settings(tmp_path, discover_interval_s=0.001))
-    with pytest.raises(ModelNotFoundError):
-        registry.resolve("late:1b")
-    write_ollama_model(store, "late:1b", ggufs["b"])
-    time.sleep(0.01)
-    assert registry.resolve("late:1b").name == "late:1b"
+    registry = Registry.from_settings(_settings(tmp_path, discover_interval_s=0.05))
+    try:
+        with pytest.raises(ModelNotFoundError):
+            registry.resolve("late:1b")
+        manifest = write_ollama_model(store, "late:1b", ggufs["b"])
+        deadline = time.monotonic() + 10
+        while "late:1b" not in [e.name for e in registry.entries()]:
+            assert time.monotonic() < deadline, "the pulled model never appeared"
+            time.sleep(0.02)
+        assert registry.resolve("late:1b").path.parent == store / "blobs"
+        manifest.unlink()
+        while "late:1b" in [e.name for e in registry.entries()]:
+            assert time.monotonic() < deadline, "the removed model never went"
+            time.sleep(0.02)
+        with pytest.raises(ModelNotFoundError):
+            registry.resolve("late:1b")
+        watcher = registry._discovered._watcher  # type: ignore[union-attr]
+        assert watcher is not None
+    finally:
+        registry.close()
+    assert not watcher.is_alive()
+
+
+def test_nothing_to_watch_starts_no_thread(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    write_llama(model, n_layer=1, n_embd=64, n_head=2, n_head_kv=1)
+    before = threading.active_count()
+    registry = Registry.from_settings(
+        Settings(discover=False, models=[ModelConfig(name="m", path=model)])
+    )
+    assert threading.active_count() == before
+    registry.close()
 
 
 def test_nothing_found_serves_the_embedded_model(tmp_path: Path) -> None:
     registry = Registry.from_settings(_settings(tmp_path))
     assert [e.name for e in registry.entries()] == ["gemma3:270m"]
+
+
+def test_a_manifest_rewritten_in_place_is_noticed(tmp_path: Path, ggufs: dict[str, Path]) -> None:
+    now = [0.0]
+    store = tmp_path / "ollama"
+    manifest = write_ollama_model(store, "m:1b", ggufs["a"])
+    found = DiscoveredModels(_settings(tmp_path), make_entry, clock=lambda: now[0])
+    (before,) = found.entries()
+    # `ollama pull m:1b` of a newer version truncates and rewrites the same manifest file.
+    newer = write_ollama_model(tmp_path / "scratch", "m:1b", ggufs["b"])
+    for blob in (tmp_path / "scratch" / "blobs").iterdir():
+        if not (store / "blobs" / blob.name).exists():
+            blob.rename(store / "blobs" / blob.name)
+    with manifest.open("r+b") as f:
+        f.truncate(0)
+        f.write(newer.read_bytes())
+    now[0] += 5
+    assert found.refresh()
+    (after,) = found.entries()
+    assert after.name == "m:1b"
+    assert after.path != before.path
+    assert after.digest == hashlib.sha256(newer.read_bytes()).hexdigest()

@@ -1,15 +1,18 @@
 """The registry's models: the configured ones, then those found on disk (residency.discovery),
 each completed by the server-wide defaults, and kept current without a restart.
 
-Noticing a change costs a few directory stats at most every ``discover_interval_s``; only then are
-the sources rescanned, and only new or changed files have their GGUF header read again.
+A watcher thread stats the watched directories every ``discover_interval_s``; only when something
+changed are the sources rescanned (only new or changed files have their GGUF header read again),
+and the new list is published as one reference. Requests never scan: they compare a version.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -78,9 +81,32 @@ class DiscoveredModels:
         self._fingerprint = self._discovery.fingerprint()
         self._checked_at = self._clock()
         self._entries = self._build()
+        #: Bumped on every change of `_entries`; readers on other threads compare it.
+        self.version = 0
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def entries(self) -> list[ModelEntry]:
         return list(self._entries)
+
+    def watch(self) -> None:
+        """Starts the watcher thread (when there is anything to watch). It holds only a weak
+        reference: it ends with close(), or soon after this object is garbage."""
+        if self._watcher is not None or not self._discovery.roots():
+            return
+        self._watcher = threading.Thread(
+            target=_watch,
+            args=(weakref.ref(self), self._stop, self._settings.discover_interval_s),
+            name="residency-discovery",
+            daemon=True,  # a scan in progress must not hold up the server's exit
+        )
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stops the watcher thread; idempotent."""
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
 
     @property
     def shadowed(self) -> list[tuple[str, str, str]]:
@@ -99,10 +125,12 @@ class DiscoveredModels:
             return False
         self._fingerprint = fingerprint
         before = [(e.name, e.digest) for e in self._entries]
-        self._entries = self._build()
-        changed = before != [(e.name, e.digest) for e in self._entries]
+        entries = self._build()
+        changed = before != [(e.name, e.digest) for e in entries]
         if changed:
-            log.info("models on disk changed: %d models now", len(self._entries))
+            self._entries = entries  # one reference: readers see the old list or the new one
+            self.version += 1
+            log.info("models on disk changed: %d models now", len(entries))
         return changed
 
     def _build(self) -> list[ModelEntry]:
@@ -148,3 +176,17 @@ class DiscoveredModels:
                 entry = dataclasses.replace(entry, digest=found.digest)
         cache[key] = entry
         return entry
+
+
+def _watch(
+    ref: weakref.ReferenceType[DiscoveredModels], stop: threading.Event, interval: float
+) -> None:
+    while not stop.wait(interval):
+        models = ref()
+        if models is None:
+            return
+        try:
+            models.refresh()
+        except Exception:  # a broken store must not end the watching
+            log.exception("looking for models on disk failed")
+        del models  # no strong reference while sleeping

@@ -267,15 +267,19 @@ class Discovery:
 
         return Path(constants.HF_HUB_CACHE)
 
-    def fingerprint(self) -> tuple[tuple[str, int], ...]:
-        """Every watched directory with its mtime: a pull, a new file or a removal changes it."""
-        marks: list[tuple[str, int]] = []
+    def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        """Every watched directory and file with its mtime and size: a pull, a new file, a
+        removal, or a manifest rewritten in place (as `ollama pull` of a newer version does)
+        changes it. Metadata only: no file is opened."""
+        marks: list[tuple[str, int, int]] = []
         for root in self.roots():
-            for dirpath, _dirs, _files in os.walk(root):
-                try:
-                    marks.append((dirpath, os.stat(dirpath).st_mtime_ns))
-                except OSError:
-                    continue
+            for dirpath, _dirs, files in os.walk(root):
+                for path in (dirpath, *(os.path.join(dirpath, f) for f in files)):
+                    try:
+                        st = os.stat(path)
+                    except OSError:  # removed while we looked, or a dangling link
+                        continue
+                    marks.append((path, st.st_mtime_ns, st.st_size))
         return tuple(marks)
 
     def scan(self) -> list[Found]:

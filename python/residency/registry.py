@@ -69,6 +69,7 @@ class Registry:
 
     def __init__(self, entries: Iterable[ModelEntry]) -> None:
         self._discovered: DiscoveredModels | None = None
+        self._version = 0
         self._entries: dict[str, ModelEntry] = {}
         for entry in entries:
             if _canonical(entry.name) in self._entries:
@@ -84,20 +85,25 @@ class Registry:
         found = DiscoveredModels(settings, make_entry)
         registry = cls(found.entries())
         registry._discovered = found
+        found.watch()
         return registry
 
     def _refresh(self) -> None:
-        # Cheap when nothing changed (a few directory stats, at most every discover_interval_s).
-        if self._discovered is not None and self._discovered.refresh():
-            self._entries = {_canonical(e.name): e for e in self._discovered.entries()}
+        # Takes the list the discovery watcher published, if it changed (an int compare).
+        found = self._discovered
+        if found is not None and found.version != self._version:
+            self._version = found.version
+            self._entries = {_canonical(e.name): e for e in found.entries()}
+
+    def close(self) -> None:
+        """Stops watching the disk for models (the watcher also ends with the registry)."""
+        if self._discovered is not None:
+            self._discovered.close()
 
     def resolve(self, name: str) -> ModelEntry:
         """The entry for `name` ("gemma3:270m", "mymodel", "mymodel:latest")."""
-        key = _canonical(name.strip())
-        entry = self._entries.get(key)
-        if entry is None:
-            self._refresh()  # a model pulled since the last look
-            entry = self._entries.get(key)
+        self._refresh()
+        entry = self._entries.get(_canonical(name.strip()))
         if entry is None:
             known = ", ".join(sorted(e.name for e in self._entries.values())) or "none"
             raise ModelNotFoundError(f"model {name!r} not found (configured models: {known})")
