@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -286,3 +288,36 @@ def test_a_manifest_rewritten_in_place_is_noticed(tmp_path: Path, ggufs: dict[st
     assert after.name == "m:1b"
     assert after.path != before.path
     assert after.digest == hashlib.sha256(newer.read_bytes()).hexdigest()
+
+
+def test_list_local_shows_sources_and_duplicates(
+    tmp_path: Path,
+    ggufs: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from residency.cli import main
+
+    write_ollama_model(tmp_path / "ollama", "hf.co/org/repo:Q8_0", ggufs["a"])
+    write_hf_repo(tmp_path / "hf", "org/repo", {"repo-Q8_0.gguf": ggufs["b"]})
+    write_hf_repo(tmp_path / "hf", "org/other", {"other-Q4_K_M.gguf": ggufs["c"]})
+    monkeypatch.setenv("RESIDENCY_DISCOVER", "1")
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
+    monkeypatch.setenv("RESIDENCY_HF_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("RESIDENCY_CONFIG", raising=False)
+    assert main(["list", "--local"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "ID", "SIZE", "SOURCE"]
+    assert re.search(r"^hf\.co/org/other:Q4_K_M .* huggingface:", out, re.M)
+    assert re.search(r"^hf\.co/org/repo:Q8_0 .* ollama:", out, re.M)
+    assert re.search(r"hf\.co/org/repo:Q8_0: huggingface:\S+ \(using ollama:", out)
+    assert main(["list", "--local", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in data["models"]] == ["hf.co/org/other:Q4_K_M", "hf.co/org/repo:Q8_0"]
+    (dup,) = data["shadowed"]
+    assert dup["used"].startswith("ollama:")
+    assert dup["shadowed"].startswith("huggingface:")
+    monkeypatch.setenv("OLLAMA_KV_CACHE_TYPE", "q9")
+    assert main(["list", "--local"]) == 1
+    assert "unknown KV cache type" in capsys.readouterr().err

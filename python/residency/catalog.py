@@ -78,6 +78,9 @@ class DiscoveredModels:
         self._explicit = [make_entry(with_server_defaults(c, settings)) for c in settings.models]
         #: Entries of discovered files, reused while the file and its configuration are unchanged.
         self._cache: dict[tuple[str, int, int], ModelEntry] = {}
+        self._shadowed: list[tuple[str, str, str]] = []
+        #: Where each served model came from: "config", "embedded", "ollama:<manifest>"…
+        self.sources: dict[str, str] = {}
         self._fingerprint = self._discovery.fingerprint()
         self._checked_at = self._clock()
         self._entries = self._build()
@@ -135,25 +138,30 @@ class DiscoveredModels:
 
     def _build(self) -> list[ModelEntry]:
         entries = list(self._explicit)
-        names = {e.name.removesuffix(":latest"): f"config:{e.name}" for e in entries}
-        self._shadowed: list[tuple[str, str, str]] = []
+        sources = {e.name: "config" for e in entries}
+        kept = {e.name.removesuffix(":latest"): "config" for e in entries}
+        shadowed: list[tuple[str, str, str]] = []
         cache: dict[tuple[str, int, int], ModelEntry] = {}
         for found in self._discovery.scan():
             key = found.config.name.removesuffix(":latest")
-            if key in names:  # explicit configuration wins over discovery
-                self._shadowed.append((found.config.name, names[key], found.source))
+            if key in kept:  # explicit configuration wins over discovery
+                shadowed.append((found.config.name, kept[key], found.source))
                 continue
             entry = self._entry(found, cache)
             if entry is not None:
                 entries.append(entry)
-                names[key] = found.source
-        self._shadowed += self._discovery.shadowed
+                kept[key] = sources[entry.name] = found.source
+        shadowed += self._discovery.shadowed
         self._cache = cache
-        for name, kept, shadowed in self._shadowed:
-            log.info("model %s: using %s; also found at %s", name, kept, shadowed)
+        for name, used, other in shadowed:
+            if (name, used, other) not in self._shadowed:  # each duplicate said once
+                log.info("model %s: using %s; also found at %s", name, used, other)
         if not entries:
             default = ModelConfig(name=DEFAULT_MODEL_NAME, path=default_model_path())
             entries.append(self._make_entry(with_server_defaults(default, self._settings)))
+            sources[DEFAULT_MODEL_NAME] = "embedded"
+        # Published whole, for readers on other threads.
+        self._shadowed, self.sources = shadowed, sources
         return entries
 
     def _entry(

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from residency.errors import ResidencyError
+
 __all__ = [
     "Client",
     "ServerError",
@@ -26,6 +28,7 @@ __all__ = [
     "human_time",
     "parse_time",
     "processor",
+    "table",
 ]
 
 DEFAULT_HOST = "127.0.0.1:11434"
@@ -188,7 +191,7 @@ def processor(size: int, size_vram: int) -> str:
     return f"{100 - gpu}%/{gpu}% CPU/GPU"
 
 
-def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+def table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
@@ -219,11 +222,15 @@ def cmd_ps(args: argparse.Namespace, client: Client, out: TextIO) -> int:
                 str(m.get("state", "")),
             ]
         )
-    _table(rows, out)
+    table(rows, out)
     return 0
 
 
 def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> int:
+    if args.local:
+        from residency.cli_local import cmd_list_local
+
+        return cmd_list_local(args, out)
     data = client.call("GET", "/api/tags")
     if args.json:
         json.dump(data, out, indent=2)
@@ -239,7 +246,7 @@ def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> int:
                 human_time(m.get("modified_at")),
             ]
         )
-    _table(rows, out)
+    table(rows, out)
     return 0
 
 
@@ -311,7 +318,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         return p
 
     verb("ps", "list the models in memory", cmd_ps)
-    verb("list", "list the models the server can serve", cmd_list, aliases=["ls"])
+    listing = verb("list", "list the models the server can serve", cmd_list, aliases=["ls"])
+    listing.add_argument(
+        "--local",
+        action="store_true",
+        help="no server: the models found on this machine, their sources and duplicates",
+    )
+    listing.add_argument("--config", help="the config file, for --local")
     verb("show", "show a model's information", cmd_show).add_argument("model")
     verb("stop", "unload a model now", cmd_stop).add_argument("model")
     run = verb("run", "chat with a model (interactive without a prompt)", cmd_run)
@@ -336,7 +349,7 @@ def _run_verb(handler: Any) -> Any:
             client = Client(args.host)
             rc: int = handler(args, client, sys.stdout)
             return rc
-        except ServerError as err:
+        except (ServerError, ResidencyError) as err:
             sys.stderr.write(f"Error: {err}\n")
             return 1
 
