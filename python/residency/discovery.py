@@ -170,7 +170,7 @@ def hf_cache_models(cache_dir: Path | None) -> Iterator[Found]:
     """GGUF files of the Hugging Face cache as ``hf.co/org/repo:QUANT`` (Ollama's naming)."""
     try:
         from huggingface_hub import scan_cache_dir
-        from huggingface_hub.utils import CacheNotFound  # (in .errors too since 0.23)
+        from huggingface_hub.errors import CacheNotFound
     except ImportError:  # pragma: no cover - a declared dependency
         return
     try:
