@@ -179,16 +179,17 @@ def test_failed_load_rejects_its_requests_and_frees_the_room() -> None:
 
 
 def test_too_large_busy_estimate_cancel_and_unload() -> None:
-    e = one_slot(max_queue=1)
+    e = one_slot(max_queue=2)  # a request joining a load counts as waiting
     big = e.arrive(1, "huge", SHAPE, 9 * GiB, KA, 0)
     assert kinds(big) == [("reject", 1)]
     assert big[0].code == RejectCode.TOO_LARGE
     e.arrive(2, "a", SHAPE, 6 * GiB, KA, 0)
     assert kinds(e.arrive(3, "b", SHAPE, 0, KA, 1)) == [("estimate", 3)]
-    assert e.queued() == 1
+    assert e.queued() == 2
     busy = e.arrive(4, "c", SHAPE, 6 * GiB, KA, 2)
     assert busy[0].code == RejectCode.BUSY
     e.ready("a", S, 1.0)
+    assert e.queued() == 1
     assert kinds(e.done(2, 2 * S)) == []  # b's bytes are not known yet
     assert kinds(e.sized(3, 6 * GiB, 2 * S)) == [("stop", "a"), ("load", "b"), ("grant", 3)]
     assert kinds(e.unload("b", 3 * S)) == []  # busy: unloads when idle
@@ -197,10 +198,11 @@ def test_too_large_busy_estimate_cancel_and_unload() -> None:
     # Unloading models no longer count against the budget (the driver awaits their memory).
     assert kinds(e.arrive(5, "c", SHAPE, 6 * GiB, KA, 6 * S)) == [("load", "c"), ("grant", 5)]
     assert e.arrive(7, "d", SHAPE, 6 * GiB, KA, 6 * S) == []  # c is loading: d waits
-    assert e.queued() == 1
+    assert e.queued() == 2  # d, and 5 joining c's load
     e.cancel(7, 7 * S)
-    assert e.queued() == 0
+    assert e.queued() == 1
     e.cancel(5, 7 * S)  # a granted request that gives up releases its reference
+    assert e.queued() == 0
     assert e.resident_set.reservation("c").refcount == 0  # type: ignore[union-attr]
     e.arrive(6, "c", SHAPE, 6 * GiB, KA, 8 * S)
     with pytest.raises(InvalidArgumentError, match="already in use"):

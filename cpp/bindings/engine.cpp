@@ -63,6 +63,7 @@ void register_engine(py::module_& m) {
       .def_readonly("freed_bytes", &Action::freed_bytes)
       .def_readonly("bytes", &Action::bytes)
       .def_readonly("joined_load", &Action::joined_load)
+      .def_readonly("idle_for", &Action::idle_for)
       .def_readonly("evicted", &Action::evicted)
       .def_readonly("code", &Action::code)
       .def_readonly("reason", &Action::reason)

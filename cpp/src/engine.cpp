@@ -28,13 +28,15 @@ std::vector<Action> Engine::arrive(std::uint64_t request, const std::string& key
   r = Request{request, key, shape, bytes_needed, keep_alive, now, Phase::Queued};
   // The fast path: a resident model serves at once, unless the oldest waiter is overdue (then even
   // a ready model's requests line up behind it, so it cannot be starved by their traffic).
-  if (servable_locked(r) && !head_overdue_locked(now)) {
+  const bool servable = servable_locked(r) && !head_overdue_locked(now);
+  const std::size_t waiting = queue_.size() + joining_;
+  if (servable && (!residents_.at(key).loading || waiting < options_.max_queue)) {
     grant_locked(out, r, now);
     return out;
   }
-  if (queue_.size() >= options_.max_queue) {
+  if (waiting >= options_.max_queue) {
     reject_locked(out, r, RejectCode::Busy,
-                  "server busy: " + std::to_string(queue_.size()) +
+                  "server busy: " + std::to_string(waiting) +
                       " requests are already waiting (max_queue " +
                       std::to_string(options_.max_queue) + "); retry later",
                   now);
@@ -80,6 +82,7 @@ std::vector<Action> Engine::ready(const std::string& key, Nanos now, double load
   }
   it->second.loading = false;
   --loads_in_flight_;
+  for (std::uint64_t id : it->second.granted) unjoin_locked(requests_.at(id));
   load_seconds_sum_ += load_seconds;
   ++loads_done_;
   if (it->second.unload_when_idle && it->second.granted.empty()) {
@@ -165,7 +168,7 @@ std::optional<LoadShape> Engine::shape(const std::string& key) const {
 
 std::size_t Engine::queued() const {
   std::lock_guard lock(mutex_);
-  return queue_.size();
+  return queue_.size() + joining_;
 }
 
 std::size_t Engine::loads_in_flight() const {
@@ -302,6 +305,7 @@ void Engine::release_locked(std::vector<Action>& out, Request& r, Nanos now,
     set_.release(key, now, keep_alive);
     it->second.granted.erase(r.id);
   }
+  unjoin_locked(r);
   requests_.erase(r.id);
   if (it != residents_.end() && it->second.unload_when_idle && !it->second.loading &&
       it->second.granted.empty()) {
@@ -313,21 +317,27 @@ void Engine::release_locked(std::vector<Action>& out, Request& r, Nanos now,
 
 void Engine::grant_locked(std::vector<Action>& out, Request& r, Nanos now) {
   Resident& res = residents_.at(r.key);
-  set_.acquire(r.key, now);
+  const Nanos idle = set_.acquire(r.key, now);
   if (r.phase == Phase::Queued) dequeue_locked(r);
   r.phase = Phase::Granted;
   res.granted.insert(r.id);
+  if (res.loading) {
+    r.joining = true;
+    ++joining_;
+  }
   Action a;
   a.kind = ActionKind::Grant;
   a.request = r.id;
   a.key = r.key;
   a.joined_load = res.loading;
+  a.idle_for = idle;
   emit_locked(out, std::move(a), now);
 }
 
 void Engine::reject_locked(std::vector<Action>& out, Request& r, RejectCode code,
                            const std::string& reason, Nanos now) {
   if (r.phase == Phase::Queued) dequeue_locked(r);
+  unjoin_locked(r);
   Action a;
   a.kind = ActionKind::Reject;
   a.request = r.id;
@@ -336,6 +346,12 @@ void Engine::reject_locked(std::vector<Action>& out, Request& r, RejectCode code
   a.reason = reason;
   requests_.erase(r.id);
   emit_locked(out, std::move(a), now);
+}
+
+void Engine::unjoin_locked(Request& r) {
+  if (!r.joining) return;
+  r.joining = false;
+  --joining_;
 }
 
 void Engine::dequeue_locked(const Request& r) {

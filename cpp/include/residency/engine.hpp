@@ -50,7 +50,8 @@ struct LoadShape {
 
 struct EngineOptions {
   Discipline discipline = Discipline::Affinity;
-  /// Requests that may wait for a load at once (those granted at arrival never count); full → Busy.
+  /// Requests that may wait for a load at once, queued or joining one (a ready model's requests
+  /// never count, as in Ollama); one more → Busy.
   std::uint32_t max_queue = 512;
   /// Affinity only: once the oldest waiting request has waited this long, nothing passes it.
   /// 0 = adaptive: the mean load time observed so far (kDefaultStarvation before the first load).
@@ -88,6 +89,8 @@ struct Action {
   std::uint64_t bytes = 0;
   /// Grant: the model was still loading (the request waits for the load and counts as cold).
   bool joined_load = false;
+  /// Grant: how long the ready model sat idle before this request (0 if busy or loading).
+  Nanos idle_for = 0;
   /// Stop: the model was chosen as a victim for a load (the driver may kill without grace).
   bool evicted = false;
   RejectCode code = RejectCode::None;
@@ -131,6 +134,7 @@ class Engine {
   [[nodiscard]] std::optional<Nanos> next_deadline() const;
   /// The shape the resident `key` was loaded with.
   [[nodiscard]] std::optional<LoadShape> shape(const std::string& key) const;
+  /// Requests waiting: queued, or granted on a model still loading.
   [[nodiscard]] std::size_t queued() const;
   [[nodiscard]] std::size_t loads_in_flight() const;
   [[nodiscard]] Nanos starvation_deadline() const;
@@ -148,6 +152,8 @@ class Engine {
     Nanos keep_alive = 0;
     Nanos arrival = 0;
     Phase phase = Phase::Queued;
+    /// Granted while its model was loading, and the load is not done yet.
+    bool joining = false;
   };
   /// What the engine adds to the resident set's reservation of a model.
   struct Resident {
@@ -163,6 +169,8 @@ class Engine {
   void reject_locked(std::vector<Action>& out, Request& r, RejectCode code,
                      const std::string& reason, Nanos now);
   void dequeue_locked(const Request& r);
+  /// `r` no longer waits for its model's load (it is ready, or `r` is done or rejected).
+  void unjoin_locked(Request& r);
   /// Moves `key` to Unloading and emits its Stop; requests still granted on it are rejected.
   void stop_locked(std::vector<Action>& out, const std::string& key, bool evicted,
                    const std::string& why, Nanos now);
@@ -188,6 +196,8 @@ class Engine {
   std::unordered_map<std::string, std::set<Order>> queue_by_model_;
   std::unordered_map<std::string, Resident> residents_;
   std::size_t loads_in_flight_ = 0;
+  /// Granted requests whose model is still loading (they wait as the queued ones do).
+  std::size_t joining_ = 0;
   double load_seconds_sum_ = 0.0;
   std::uint64_t loads_done_ = 0;
   std::vector<std::string> journal_;
