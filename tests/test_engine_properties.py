@@ -50,11 +50,11 @@ class Checker:
         self.loads = 0
 
     def order(self, r: int) -> tuple[int, int]:
-        return (self.arrival[r], r)
+        return (self.arrival[r - 1], r)
 
     def __call__(self, engine: Engine, now: int, event: str, p: int, actions: list[Action]) -> None:
         if event == "arrive":
-            self.waiting.add(p)
+            self.waiting.add(p + 1)  # the engine's request ids are the trace's indices + 1
         for a in actions:
             if a.kind == ActionKind.LOAD:
                 self.loads += 1
@@ -66,10 +66,10 @@ class Checker:
                 if a.kind == ActionKind.GRANT and older:
                     if self.queue == "ollama":
                         assert event == "arrive"
-                        assert p == a.request
+                        assert p + 1 == a.request
                         assert not a.joined_load
                     else:
-                        oldest = min(self.arrival[w] for w in self.waiting)
+                        oldest = min(self.arrival[w - 1] for w in self.waiting)
                         assert now - oldest < engine.starvation_ns
         for d in engine.resident_set.devices():
             assert d.reserved_bytes <= d.budget_bytes

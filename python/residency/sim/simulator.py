@@ -134,6 +134,7 @@ class _Run:
         self.seq = 0
         self.gone_at: dict[int, int] = {}  # model → when its memory is back
         self.resident_since: dict[int, int] = {}
+        self.load_started: dict[int, int] = {}
         self.tick_armed: int | None = None
         self.keep_alive = -1 if cfg.keep_alive_s < 0 else int(cfg.keep_alive_s * NS)
         self.served = self.rejected = self.cold = self.evictions = self.expirations = 0
@@ -155,15 +156,16 @@ class _Run:
             now = self.now
             if kind == _ARRIVE:
                 m = self.models[self.which[p]]
-                actions = engine.arrive(p, m.key, SHAPE, m.bytes, self.keep_alive, now)
-                if not any(a.kind == ActionKind.GRANT and a.request == p for a in actions):
+                rid = p + 1  # the server numbers its requests from 1
+                actions = engine.arrive(rid, m.key, SHAPE, m.bytes, self.keep_alive, now)
+                if not any(a.kind == ActionKind.GRANT and a.request == rid for a in actions):
                     self.waited += 1
             elif kind == _SERVED:
                 m = self.models[self.which[p]]
                 m.busy -= 1
                 m.granted -= 1
                 self.served += 1
-                actions = engine.done(p, now)
+                actions = engine.done(p + 1, now)
                 if self.served + self.rejected == n:
                     break  # the last request is done: what happens after is not charged
                 if m.granted == 0:
@@ -174,7 +176,9 @@ class _Run:
                 m.ready = True
                 if m.granted == 0:
                     m.idle_since = now
-                actions = engine.ready(m.key, now, m.load_s)
+                # As the server measures it: from the Load action to ready (victims' stop included).
+                load_s = (now - self.load_started.pop(p)) / NS
+                actions = engine.ready(m.key, now, load_s)
                 self.begin_service(m)
             elif kind == _GONE:
                 del self.gone_at[p]
@@ -197,10 +201,10 @@ class _Run:
                 if m.granted == 0:
                     self.end_idle(m)
                 m.granted += 1
-                m.queue.append(a.request)
+                m.queue.append(a.request - 1)
                 self.begin_service(m)
             elif a.kind == ActionKind.LOAD:
-                self.load(self.index[a.key], len(a.victims))
+                self.load(self.index[a.key], [self.index[v] for v in a.victims])
             elif a.kind == ActionKind.STOP:
                 self.stop(self.index[a.key], expired=a.reason == "keep-alive expired")
             elif a.kind == ActionKind.REJECT:
@@ -208,21 +212,16 @@ class _Run:
             else:  # ESTIMATE: the simulator always passes the bytes
                 raise AssertionError(f"unexpected {a!r}")
 
-    def load(self, mi: int, victims: int) -> None:
+    def load(self, mi: int, victims: list[int]) -> None:
         m = self.models[mi]
         self.cold += 1
-        self.evictions += victims
+        self.evictions += len(victims)
         self.load_s += m.load_s
         self.resident_since[mi] = self.now
-        # The load starts once the memory it needs is physically back (victims' lag).
-        begin = self.now
-        usage = self.engine.resident_set.devices()[0]
-        excess = usage.reserved_bytes + usage.unloading_bytes - usage.budget_bytes
-        for back, vi in sorted((t, vi) for vi, t in self.gone_at.items()):
-            if excess <= 0:
-                break
-            begin = max(begin, back)
-            excess -= self.models[vi].bytes
+        self.load_started[mi] = self.now
+        # As the server does: the runner starts once its victims have exited and their memory
+        # is back (their Stop actions came first, so their gone times are known).
+        begin = max([self.now, *(self.gone_at[v] for v in victims)])
         self.push(begin + round(m.load_s * NS), _READY, mi)
 
     def stop(self, mi: int, *, expired: bool) -> None:
