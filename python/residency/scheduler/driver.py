@@ -70,6 +70,7 @@ class Scheduler:
         runner_factory: RunnerFactory | None = None,
         probe: MemoryProbe | None = None,
         devices: list[DeviceInfo] | None = None,
+        journal: bool = False,
     ) -> None:
         self.settings = settings
         self._clock: Clock = clock or MonotonicClock()
@@ -77,6 +78,8 @@ class Scheduler:
         self._runner_factory = runner_factory or default_runner
         self._probe = probe
         self._device_infos = devices
+        #: Keep the engine's journal of actions (the differential test compares it).
+        self._journal = journal
         self._sizing = Sizing(settings)
         self._engine: Engine | None = None
         self._executor: Executor | None = None
@@ -101,7 +104,9 @@ class Scheduler:
         if self._device_infos is None:
             self._probe, self._device_infos = discover(s)
         devices, index = engine_devices(s, self._device_infos)
-        self._engine = Engine(devices, s.policy, s.queue, s.max_queue, int(s.starvation_s * 1e9))
+        self._engine = Engine(
+            devices, s.policy, s.queue, s.max_queue, int(s.starvation_s * 1e9), self._journal
+        )
         self._watcher = Watcher()
         self._watcher.start()
         self._executor = Executor(
