@@ -3,7 +3,8 @@
 After every event: the budget invariant holds; loads start in FIFO order of the requests that
 wait (the oldest waiting request is the one a load is for); a request passes an older waiting one
 only by the discipline's rule — Ollama's fast path to a ready model at arrival, or affinity's
-riding on a ready/loading model while nobody waiting is past the starvation deadline; Ollama never
+riding on a ready/loading model unless the oldest waiting request is past the starvation deadline
+while busy models hold the room it needs; Ollama never
 has two loads in flight. At the end every request was served or rejected.
 """
 
@@ -48,6 +49,7 @@ class Checker:
         self.queue = queue
         self.waiting: set[int] = set()
         self.loads = 0
+        self.blocked_before = 0
 
     def order(self, r: int) -> tuple[int, int]:
         return (self.arrival[r - 1], r)
@@ -55,9 +57,11 @@ class Checker:
     def __call__(self, engine: Engine, now: int, event: str, p: int, actions: list[Action]) -> None:
         if event == "arrive":
             self.waiting.add(p + 1)  # the engine's request ids are the trace's indices + 1
+        loaded: set[str] = set()
         for a in actions:
             if a.kind == ActionKind.LOAD:
                 self.loads += 1
+                loaded.add(a.key)
                 older = [w for w in self.waiting if self.order(w) < self.order(a.request)]
                 assert not older, f"load for r{a.request} passed waiting {older}"
             elif a.kind in (ActionKind.GRANT, ActionKind.REJECT):
@@ -65,17 +69,22 @@ class Checker:
                 older = [w for w in self.waiting if self.order(w) < self.order(a.request)]
                 if a.kind == ActionKind.GRANT and older:
                     if self.queue == "ollama":
+                        # Only the fast path at arrival, to a loaded (not loading) model.
                         assert event == "arrive"
                         assert p + 1 == a.request
                         assert not a.joined_load
-                    else:
-                        oldest = min(self.arrival[w - 1] for w in self.waiting)
-                        assert now - oldest < engine.starvation_ns
+                    elif a.key not in loaded:  # riders of a load just started may join it
+                        # Nothing passes a head that is past its deadline waiting for busy
+                        # models (the state before this event is what the engine decided on).
+                        oldest = min(older, key=self.order)
+                        overdue = now - self.arrival[oldest - 1] >= engine.starvation_ns
+                        assert not (overdue and self.blocked_before == oldest), a
         for d in engine.resident_set.devices():
             assert d.reserved_bytes <= d.budget_bytes
             assert d.models <= d.max_models
         if self.queue == "ollama":
             assert engine.loads_in_flight() <= 1
+        self.blocked_before = engine.blocked_head()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -117,6 +117,7 @@ void register_engine(py::module_& m) {
       .def("queued", &Engine::queued, GilFree())
       .def("loads_in_flight", &Engine::loads_in_flight, GilFree())
       .def("journal", &Engine::journal, GilFree())
+      .def("blocked_head", &Engine::blocked_head, GilFree())
       .def_property_readonly("starvation_ns",
                              [](const Engine& e) {
                                py::gil_scoped_release release;

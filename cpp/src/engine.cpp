@@ -196,7 +196,16 @@ Nanos Engine::starvation_locked() const {
 
 bool Engine::head_overdue_locked(Nanos now) const {
   if (options_.discipline != Discipline::Affinity || queue_.empty()) return false;
+  // Only a head that waits for busy models to go idle is hurt by new grants (they keep them
+  // busy); a head that is merely far back in a long queue is not, and riding keeps loads few.
+  if (queue_.begin()->second != blocked_head_) return false;
   return now - queue_.begin()->first >= starvation_locked();
+}
+
+std::uint64_t Engine::blocked_head() const {
+  std::lock_guard lock(mutex_);
+  if (queue_.empty() || queue_.begin()->second != blocked_head_) return 0;
+  return blocked_head_;
 }
 
 bool Engine::servable_locked(const Request& r) const {
@@ -245,6 +254,8 @@ bool Engine::serve_head_locked(std::vector<Action>& out, Request& head, Nanos no
     // Resident with options that cannot serve this request: reload once nobody uses it.
     if (!it->second.loading && it->second.granted.empty()) {
       stop_locked(out, head.key, true, "options changed", now);
+    } else {
+      blocked_head_ = head.id;  // its reload waits for the runner's requests to finish
     }
     return false;
   }
@@ -285,6 +296,8 @@ bool Engine::serve_head_locked(std::vector<Action>& out, Request& head, Nanos no
       reject_locked(out, head, RejectCode::TooLarge, d.reason, now);
       return true;
     case AdmitOutcome::Wait:
+      blocked_head_ = head.id;  // busy models hold the room it needs
+      return false;
     case AdmitOutcome::Hit:  // not among residents_: it is still unloading
       return false;
   }

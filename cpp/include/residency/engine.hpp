@@ -53,7 +53,8 @@ struct EngineOptions {
   /// Requests that may wait for a load at once, queued or joining one (a ready model's requests
   /// never count, as in Ollama); one more → Busy.
   std::uint32_t max_queue = 512;
-  /// Affinity only: once the oldest waiting request has waited this long, nothing passes it.
+  /// Affinity only: once the oldest waiting request has waited this long while busy models hold
+  /// the room it needs, nothing passes it (new requests line up instead of keeping them busy).
   /// 0 = adaptive: the mean load time observed so far (kDefaultStarvation before the first load).
   Nanos starvation = 0;
   /// Keep a human-readable log of every action (for differential tests of two drivers).
@@ -138,6 +139,9 @@ class Engine {
   [[nodiscard]] std::size_t queued() const;
   [[nodiscard]] std::size_t loads_in_flight() const;
   [[nodiscard]] Nanos starvation_deadline() const;
+  /// The oldest waiting request if it waits for busy models to go idle (else 0): once it is past
+  /// the starvation deadline, affinity grants nothing that would pass it.
+  [[nodiscard]] std::uint64_t blocked_head() const;
   [[nodiscard]] std::vector<std::string> journal() const;
   [[nodiscard]] Discipline discipline() const { return options_.discipline; }
   [[nodiscard]] ResidentSet& resident_set() { return set_; }
@@ -196,6 +200,8 @@ class Engine {
   std::unordered_map<std::string, std::set<Order>> queue_by_model_;
   std::unordered_map<std::string, Resident> residents_;
   std::size_t loads_in_flight_ = 0;
+  /// The last head found waiting for busy models (Wait, or a reload of a busy runner).
+  std::uint64_t blocked_head_ = 0;
   /// Granted requests whose model is still loading (they wait as the queued ones do).
   std::size_t joining_ = 0;
   double load_seconds_sum_ = 0.0;
