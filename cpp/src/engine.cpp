@@ -28,7 +28,11 @@ std::vector<Action> Engine::arrive(std::uint64_t request, const std::string& key
   r = Request{request, key, shape, bytes_needed, keep_alive, now, Phase::Queued};
   // The fast path: a resident model serves at once, unless the oldest waiter is overdue (then even
   // a ready model's requests line up behind it, so it cannot be starved by their traffic).
-  const bool servable = servable_locked(r) && !head_overdue_locked(now);
+  bool servable = servable_locked(r);
+  if (servable && head_overdue_locked(now)) {
+    servable = false;
+    held_back_ = true;
+  }
   const std::size_t waiting = queue_.size() + joining_;
   if (servable && (!residents_.at(key).loading || waiting < options_.max_queue)) {
     grant_locked(out, r, now);
@@ -51,7 +55,9 @@ std::vector<Action> Engine::arrive(std::uint64_t request, const std::string& key
     a.key = key;
     emit_locked(out, std::move(a), now);
   }
-  schedule_locked(out, now);
+  // Behind others it changes nothing (an arrival frees no room, and only the oldest loads): the
+  // queue is worked on when it becomes the head, so an arrival costs O(log n) with n queued.
+  if (queue_.size() == 1) schedule_locked(out, now);
   return out;
 }
 
@@ -218,8 +224,12 @@ bool Engine::servable_locked(const Request& r) const {
 
 void Engine::schedule_locked(std::vector<Action>& out, Nanos now) {
   expire_locked(out, now);
-  if (options_.discipline == Discipline::Affinity && !head_overdue_locked(now)) {
-    // Requests queued for a model that became resident ride on it (copy: granting edits the map).
+  if (options_.discipline == Discipline::Affinity && head_overdue_locked(now)) {
+    held_back_ = true;
+  } else if (options_.discipline == Discipline::Affinity && held_back_) {
+    // Requests held back while an overdue head waited ride on resident models now (a copy of
+    // the keys: granting edits the map). Only then can a resident model have queued riders.
+    held_back_ = false;
     std::vector<std::string> keys;
     for (const auto& [key, orders] : queue_by_model_) {
       if (residents_.count(key) != 0) keys.push_back(key);
@@ -287,8 +297,12 @@ bool Engine::serve_head_locked(std::vector<Action>& out, Request& head, Nanos no
       grant_locked(out, head, now);
       // Affinity: every queued request this load can serve rides on it, unless someone waiting
       // is overdue (then they line up like everyone else).
-      if (options_.discipline == Discipline::Affinity && !head_overdue_locked(now)) {
-        grant_riders_locked(out, head.key, now);
+      if (options_.discipline == Discipline::Affinity) {
+        if (head_overdue_locked(now)) {
+          held_back_ = true;
+        } else {
+          grant_riders_locked(out, head.key, now);
+        }
       }
       return true;
     }

@@ -202,6 +202,8 @@ class Engine {
   std::size_t loads_in_flight_ = 0;
   /// The last head found waiting for busy models (Wait, or a reload of a busy runner).
   std::uint64_t blocked_head_ = 0;
+  /// Affinity held back a grant for an overdue head: queued requests may ride once it is served.
+  bool held_back_ = false;
   /// Granted requests whose model is still loading (they wait as the queued ones do).
   std::size_t joining_ = 0;
   double load_seconds_sum_ = 0.0;
