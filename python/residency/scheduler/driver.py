@@ -119,6 +119,8 @@ class Scheduler:
             events=self,
             tasks=self._tasks,
         )
+        for entry in self._registry.entries():
+            self._sizing.keep_alive(entry)  # parsed once, at start-up
         self._timer = KeepAliveTimer(self._engine, self._clock, self._run)
         self._timer_task = asyncio.create_task(self._timer.run(), name="residency-keep-alive")
         for name in s.preload:
