@@ -374,13 +374,8 @@ class Scheduler:
         self._run(self.engine.ready(inst.key, self._clock.now_ns(), load_s, measured))
         r = self.core.reservation(inst.key)
         if measured is not None and r is not None and not r.measured:
-            log.warning(
-                "%s measured %s, more than its device can hold beside the others; keeping the "
-                "estimate %s",
-                inst.key,
-                gib(measured),
-                gib(r.bytes),
-            )
+            log.warning("%s measured %s, more than its device holds beside the others; keeping "
+                        "the estimate %s", inst.key, gib(measured), gib(r.bytes))  # fmt: skip
 
     def runner_gone(self, key: str) -> None:
         if not self._closed:
