@@ -156,42 +156,6 @@ std::vector<Action> Engine::tick(Nanos now) {
   return out;
 }
 
-// ---- queries -----------------------------------------------------------------------------------
-
-std::optional<Nanos> Engine::next_deadline() const {
-  std::lock_guard lock(mutex_);
-  // Starvation deadlines need no wake-up of their own: passing one changes only what later events
-  // decide, never what must happen at that instant.
-  return set_.next_expiry();
-}
-
-std::optional<LoadShape> Engine::shape(const std::string& key) const {
-  std::lock_guard lock(mutex_);
-  auto it = residents_.find(key);
-  if (it == residents_.end()) return std::nullopt;
-  return it->second.shape;
-}
-
-std::size_t Engine::queued() const {
-  std::lock_guard lock(mutex_);
-  return queue_.size() + joining_;
-}
-
-std::size_t Engine::loads_in_flight() const {
-  std::lock_guard lock(mutex_);
-  return loads_in_flight_;
-}
-
-Nanos Engine::starvation_deadline() const {
-  std::lock_guard lock(mutex_);
-  return starvation_locked();
-}
-
-std::vector<std::string> Engine::journal() const {
-  std::lock_guard lock(mutex_);
-  return journal_;
-}
-
 // ---- decisions ---------------------------------------------------------------------------------
 
 Nanos Engine::starvation_locked() const {
@@ -206,12 +170,6 @@ bool Engine::head_overdue_locked(Nanos now) const {
   // busy); a head that is merely far back in a long queue is not, and riding keeps loads few.
   if (queue_.begin()->second != blocked_head_) return false;
   return now - queue_.begin()->first >= starvation_locked();
-}
-
-std::uint64_t Engine::blocked_head() const {
-  std::lock_guard lock(mutex_);
-  if (queue_.empty() || queue_.begin()->second != blocked_head_) return 0;
-  return blocked_head_;
 }
 
 bool Engine::servable_locked(const Request& r) const {

@@ -1,8 +1,53 @@
-// Names and one-line descriptions of the engine's actions (for logs, journals and bindings).
+// Read-only views of the engine: its queries, and names and one-line descriptions of its
+// actions (for logs, journals and bindings).
 #include "residency/engine.hpp"
 #include "residency/errors.hpp"
 
 namespace residency {
+
+// ---- queries -----------------------------------------------------------------------------------
+
+std::optional<Nanos> Engine::next_deadline() const {
+  std::lock_guard lock(mutex_);
+  // Starvation deadlines need no wake-up of their own: passing one changes only what later events
+  // decide, never what must happen at that instant.
+  return set_.next_expiry();
+}
+
+std::optional<LoadShape> Engine::shape(const std::string& key) const {
+  std::lock_guard lock(mutex_);
+  auto it = residents_.find(key);
+  if (it == residents_.end()) return std::nullopt;
+  return it->second.shape;
+}
+
+std::size_t Engine::queued() const {
+  std::lock_guard lock(mutex_);
+  return queue_.size() + joining_;
+}
+
+std::size_t Engine::loads_in_flight() const {
+  std::lock_guard lock(mutex_);
+  return loads_in_flight_;
+}
+
+Nanos Engine::starvation_deadline() const {
+  std::lock_guard lock(mutex_);
+  return starvation_locked();
+}
+
+std::vector<std::string> Engine::journal() const {
+  std::lock_guard lock(mutex_);
+  return journal_;
+}
+
+std::uint64_t Engine::blocked_head() const {
+  std::lock_guard lock(mutex_);
+  if (queue_.empty() || queue_.begin()->second != blocked_head_) return 0;
+  return blocked_head_;
+}
+
+// ---- names ------------------------------------------------------------------------------------
 
 const char* to_string(ActionKind kind) {
   switch (kind) {
