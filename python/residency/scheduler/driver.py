@@ -215,24 +215,23 @@ class Scheduler:
     async def _session(
         self, model: str, keep_alive: str | float | None, options: Mapping[str, Any] | None
     ) -> AsyncIterator[Lease]:
-        lease, request_id = await self._acquire(model, keep_alive, options)
+        lease, request_id, ka = await self._acquire(model, keep_alive, options)
         try:
             yield lease
         finally:
             # Synchronous: a cancelled client cannot interrupt its own release.
-            ka = None if keep_alive is None else parse_keep_alive(keep_alive)
             self._run(self.engine.done(request_id, self._clock.now_ns(), ka))
 
     async def _acquire(
         self, model: str, keep_alive: str | float | None, options: Mapping[str, Any] | None
-    ) -> tuple[Lease, int]:
+    ) -> tuple[Lease, int, int | None]:
+        """The lease, the request's id, and its keep_alive parsed (None: keep the model's)."""
         if not self._started or self._closed:
             raise InvalidStateError("the scheduler is not running")
         entry = self.resolve(model)
         want = self._sizing.options(entry, options)
-        ka_ns = (
-            self._sizing.keep_alive(entry) if keep_alive is None else parse_keep_alive(keep_alive)
-        )
+        asked = None if keep_alive is None else parse_keep_alive(keep_alive)
+        ka_ns = self._sizing.keep_alive(entry) if asked is None else asked
         t0 = self._clock.now_ns()
         for _attempt in range(3):
             req = self._arrive(entry, want, ka_ns, t0)
@@ -271,7 +270,7 @@ class Scheduler:
                 device=inst.device,
                 runner=inst.runner,
             )
-            return lease, req.id
+            return lease, req.id, asked
         raise RunnerError(f"the runner for {entry.name!r} kept failing its health check")
 
     def _arrive(self, entry: ModelEntry, want: LoadOptions, ka_ns: int, t0: int) -> PendingRequest:
