@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from residency.config import load_settings
+from residency.errors import ConfigError
 from residency.scheduler import Lease, Scheduler
 from residency.sim import ModelSpec, SimConfig, Trace, TraceConfig, simulate
 from residency.sim.trace import GB
@@ -199,3 +200,29 @@ async def test_differential_simulator_and_scheduler_take_the_same_actions(
     stopping = asyncio.create_task(s.stop())
     await clock.run_until(stopping.done)
     assert journal == list(expected)
+
+
+async def test_ollama_discipline_with_real_runners(tmp_path: Path) -> None:
+    """queue = "ollama": requests that arrive while their model loads wait in the FIFO queue and
+    are granted once it is ready (not cold, their wait is queue time), as Ollama serves them."""
+    models = [fake_model("a", tmp_path, 100 * MIB, "--load-s", "0.5")]
+    settings = load_settings(
+        models=models, memory_limit=250 * MIB, probe="host", stop_timeout_s=2, queue="ollama"
+    )
+    async with Scheduler(settings) as s:
+        assert s.engine.discipline.name == "OLLAMA"
+        first = asyncio.create_task(s.load("a"))
+        await asyncio.sleep(0.1)
+        followers = await asyncio.gather(*(s.load("a") for _ in range(3)))
+        lead = await first
+    assert lead.cold
+    assert not any(f.cold for f in followers)
+    assert all(f.queue_duration_ns > 0.2 * NS for f in followers)
+    assert s.core.stats("a").loads == 1  # type: ignore[union-attr]
+
+
+def test_queue_setting_is_validated() -> None:
+    with pytest.raises(ConfigError, match="queue"):
+        load_settings(queue="lifo")
+    assert load_settings().queue == "affinity"
+    assert load_settings(queue="ollama", starvation_s=30).starvation_s == 30
