@@ -160,6 +160,14 @@ class Settings(BaseSettings):
     #: at once (an idle inference server has nothing to save, and the load is waiting).
     evict_grace_s: float = Field(default=0.0, ge=0)
     policy: str = "ollama"
+    #: Queue discipline: "affinity" (requests for a ready or loading model never wait behind other
+    #: loads; loads start oldest request first) or "ollama" (Ollama's FIFO, one load at a time).
+    queue: Literal["affinity", "ollama"] = Field(
+        default="affinity", validation_alias=AliasChoices("RESIDENCY_QUEUE", "queue")
+    )
+    #: Affinity's starvation deadline: past it, nothing passes the oldest waiting request;
+    #: 0 = the mean load time observed so far (10 s before the first load).
+    starvation_s: float = Field(default=0.0, ge=0)
     probe: Literal["auto", "cuda", "nvml", "host", "simulated"] = "auto"
     #: A simulated device file (residency.memory.SimulatedDevice): the test double of a GPU.
     simulated_device: Path | None = None
