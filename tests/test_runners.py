@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from residency.config import load_settings
 from residency.errors import ConfigError, RunnerError
 from residency.runners import (
     CommandRunner,
@@ -70,8 +70,13 @@ async def test_llama_cpp_python_command_line() -> None:
         await r.client.aclose()
 
 
-async def test_llama_server_command_line(tmp_path: Path) -> None:
+async def test_llama_server_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESIDENCY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    load_settings(kv_dir=tmp_path / "kv")
     binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
     r = LlamaServerRunner(spec(device="cuda:0", binary=str(binary)))
     argv = r.argv()
     assert argv[0] == str(binary)
@@ -79,12 +84,18 @@ async def test_llama_server_command_line(tmp_path: Path) -> None:
     assert flag(argv, "--parallel") == "2"
     assert flag(argv, "--n-gpu-layers") == "999"
     assert flag(argv, "--cache-type-k") == "f16"
+    assert flag(argv, "--verbosity") == "4"  # the buffer lines are logged at "trace"
+    assert flag(argv, "--slot-save-path") == str(tmp_path / "kv")
+    assert (tmp_path / "kv").is_dir()
     assert "--embeddings" not in argv
     assert r.health_path == "/health"
     missing = LlamaServerRunner(spec(binary=None))
-    if shutil.which("llama-server") is None:
-        with pytest.raises(ConfigError, match="no llama-server is on PATH"):
-            missing.argv()
+    with pytest.raises(ConfigError, match="none is configured, on PATH or built"):
+        missing.argv()
+    load_settings(kv_persist=False)
+    plain = LlamaServerRunner(spec(binary=str(binary)))
+    assert "--slot-save-path" not in plain.argv()
+    await plain.client.aclose()
     await r.client.aclose()
     await missing.client.aclose()
 

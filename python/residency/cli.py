@@ -59,6 +59,15 @@ def _add_estimate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 _COMMANDS.append(_add_estimate)
 
 
+def _add_build_runner(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from residency.runners.build import add_parser
+
+    add_parser(sub)
+
+
+_COMMANDS.append(_add_build_runner)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 from residency.errors import ConfigError
 from residency.llamacpp import KV_CACHE_TYPES, needs_flash_attn, slots_ctx_size
-from residency.runners.base import LOOPBACK, Runner
+from residency.runners import defaults
+from residency.runners.base import LOOPBACK, LaunchSpec, Runner
+from residency.runners.build import find_llama_server
+from residency.runners.kvcache import SlotPersistence, cache_key
 
 __all__ = [
     "LlamaCppPythonRunner",
@@ -121,11 +124,25 @@ class LlamaCppPythonRunner(Runner):
 
 
 class LlamaServerRunner(Runner):
-    """llama.cpp's ``llama-server`` binary (configured, or found on PATH)."""
+    """llama.cpp's ``llama-server`` binary: configured, on PATH, or built by residency
+    (runners.build). Its slots are saved before it stops and restored into its successor
+    (runners.kvcache) unless KV persistence is off for the model."""
 
     kind: ClassVar[str] = "llama-server"
     supports_offload: ClassVar[bool] = True
     default_health_path: ClassVar[str] = "/health"  # 503 while loading, 200 when ready
+    default_embedding: ClassVar[bool] = False
+
+    def __init__(self, spec: LaunchSpec, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        kv = defaults.current().kv
+        self.kv: SlotPersistence | None = None
+        if kv.enabled_for(spec.name):
+            key = cache_key(spec.model_path, ctx=spec.ctx, kv_type=spec.kv_type, args=spec.args)
+            self.kv = SlotPersistence(
+                self.client, model=spec.name, key=key, config=kv, slots=spec.parallel
+            )
+            self.api.before_send = self.kv.before_send
 
     @classmethod
     def estimate_options(
@@ -138,16 +155,19 @@ class LlamaServerRunner(Runner):
             embedding=cls.default_embedding if embedding is None else embedding,
         )
 
+    def binary(self) -> Path:
+        found = find_llama_server(self.spec.binary or defaults.current().llama_server)
+        if found is None:
+            raise ConfigError(
+                f"model {self.spec.name!r} uses runner 'llama-server', but none is configured, "
+                "on PATH or built (run `residency build-runner`, or set `llama_server`)"
+            )
+        return found
+
     def argv(self) -> list[str]:
         s = self.spec
-        binary = s.binary or shutil.which("llama-server")
-        if not binary:
-            raise ConfigError(
-                f"model {s.name!r} uses runner 'llama-server', but no llama-server is on PATH "
-                "(set `llama_server` in the config to its path)"
-            )
         argv = [
-            str(binary),
+            str(self.binary()),
             "--model",
             str(s.model_path),
             "--alias",
@@ -166,8 +186,20 @@ class LlamaServerRunner(Runner):
             s.kv_type,
             "--cache-type-v",
             s.kv_type,
+            # llama.cpp logs its buffer lines at "trace" (4): how the runner reports its memory.
+            "--verbosity",
+            "4",
         ]
-        # Older llama-servers serve only embeddings with --embeddings: off unless asked for.
+        if self.kv is not None:
+            self.kv.directory.mkdir(parents=True, exist_ok=True)
+            argv += ["--slot-save-path", str(self.kv.directory)]
+        # --embeddings restricts llama-server to embeddings: on only when asked for.
         if self.embedding:
             argv.append("--embeddings")
         return argv + list(s.args)
+
+    async def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Saves the slots (bounded by the KV settings' save_timeout_s), then stops."""
+        if self.kv is not None and not self.stopping and not self.exited and self.ready_at_s:
+            await self.kv.save_all()
+        return await super().stop(timeout_s)
