@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+
+# A `residency serve` a test starts never builds llama-server in the background: CI builds it
+# first (scripts/build-llama-server.sh), and a test must not start a 20-minute compile.
+os.environ.setdefault("RESIDENCY_BUILD_RUNNER", "0")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -171,6 +171,8 @@ class Settings(BaseSettings):
     runner: RunnerKind = "auto"
     #: The llama.cpp `llama-server` binary; None = PATH, then residency's own build.
     llama_server: str | None = None
+    #: `residency serve` builds llama-server in the background when "auto" finds none.
+    build_runner: bool = True
     #: Save llama-server slots (the KV cache of a conversation) before a runner stops, and
     #: restore them when a later request continues that conversation.
     kv_persist: bool = True
@@ -191,6 +193,7 @@ class Settings(BaseSettings):
             RunnerDefaults(
                 runner=self.runner,
                 llama_server=self.llama_server,
+                build_runner=self.build_runner,
                 kv=KvPersistence(
                     enabled=self.kv_persist,
                     directory=self.kv_dir,

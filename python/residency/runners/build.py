@@ -31,6 +31,7 @@ from pathlib import Path
 from residency.errors import ConfigError
 
 __all__ = [
+    "build_in_background",
     "build_llama_server",
     "cache_dir",
     "cached_llama_server",
@@ -220,6 +221,57 @@ def build_llama_server(
         shutil.rmtree(src, ignore_errors=True)
         progress(f"built {binary} in {time.monotonic() - started:.0f} s")
         return binary
+
+
+def build_in_background() -> subprocess.Popen[str] | None:
+    """Starts ``python -m residency.runners.build`` for `residency serve` when "auto" found no
+    llama-server: the server serves with llama-cpp-python meanwhile, and loads after the build
+    finishes run llama-server. Its progress goes to the log; it stops with the server (its own
+    process group, killed at exit; the next start resumes the build where it stopped)."""
+    import atexit
+    import threading
+
+    from residency.runners._process import CAN_DIE_WITH_PARENT, die_with_parent
+
+    log.warning(
+        "building llama-server for this host in the background into %s (about 20-30 min on 2 "
+        "cores); serving with llama-cpp-python until it is done",
+        cache_dir(),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "residency.runners.build"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        # Only prctl(PR_SET_PDEATHSIG): async-signal-safe, so safe with threads running.
+        preexec_fn=die_with_parent if CAN_DIE_WITH_PARENT else None,  # noqa: PLW1509
+    )
+
+    def forward() -> None:
+        assert proc.stdout is not None
+        shown = -10
+        for line in proc.stdout:
+            pct = line[1:4].strip() if line.startswith("[") else ""
+            if pct.isdigit() and int(pct) < shown + 10:
+                continue  # one progress line per 10 %
+            shown = int(pct) if pct.isdigit() else shown
+            log.info("llama-server build: %s", line.rstrip())
+        rc = proc.wait()
+        if rc == 0:
+            log.warning("llama-server is built: models loaded from now on run it")
+        else:
+            log.warning("the llama-server build failed (rc %s): staying on llama-cpp-python", rc)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, 9)
+
+    threading.Thread(target=forward, name="llama-server-build", daemon=True).start()
+    atexit.register(stop)
+    return proc
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

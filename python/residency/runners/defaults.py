@@ -14,7 +14,14 @@ from pathlib import Path
 
 from residency.runners.build import find_llama_server
 
-__all__ = ["KvPersistence", "RunnerDefaults", "configure", "current", "resolve_auto"]
+__all__ = [
+    "KvPersistence",
+    "RunnerDefaults",
+    "configure",
+    "current",
+    "resolve_auto",
+    "start_build_if_missing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,8 @@ class RunnerDefaults:
     runner: str = "auto"
     #: A configured llama-server binary; None: PATH, then residency's own build.
     llama_server: str | None = None
+    #: `residency serve` builds llama-server in the background when "auto" finds none.
+    build_runner: bool = True
     kv: KvPersistence = field(default_factory=KvPersistence)
 
 
@@ -65,6 +74,17 @@ def configure(defaults: RunnerDefaults) -> None:
 
 def current() -> RunnerDefaults:
     return _State.defaults
+
+
+def start_build_if_missing() -> bool:
+    """For `residency serve`: builds llama-server in the background when "auto" would find none
+    (and `build_runner` is on). Returns whether a build started."""
+    d = _State.defaults
+    if d.runner != "auto" or not d.build_runner or find_llama_server(d.llama_server) is not None:
+        return False
+    from residency.runners.build import build_in_background
+
+    return build_in_background() is not None
 
 
 def resolve_auto() -> str:
