@@ -55,6 +55,9 @@ class KvStats:
     restored: int = 0
     restored_bytes: int = 0
     failed: int = 0
+    #: llama-server's own timing of the latest save and restore (ms).
+    last_save_ms: float = 0.0
+    last_restore_ms: float = 0.0
 
 
 class _Stats(dict[str, KvStats]):
@@ -66,7 +69,7 @@ class _Stats(dict[str, KvStats]):
 KV_STATS = _Stats()
 
 
-def kv_stats_json() -> dict[str, dict[str, int]]:
+def kv_stats_json() -> dict[str, dict[str, float]]:
     """KV_STATS as /api/ps shows them."""
     return {model: dict(vars(stats)) for model, stats in sorted(KV_STATS.items())}
 
@@ -167,6 +170,7 @@ class SlotPersistence:
         (self.directory / file).with_suffix(".json").write_text(json.dumps(meta))
         stats.saved += 1
         stats.saved_bytes += size
+        stats.last_save_ms = float((answer.get("timings") or {}).get("save_ms") or 0.0)
         log.info("%s: saved slot %d (%s tokens, %d bytes) in %.0f ms", self.model, slot,
                  answer.get("n_saved"), size, (time.monotonic() - t0) * 1000)  # fmt: skip
         return 1
@@ -247,6 +251,7 @@ class SlotPersistence:
         answer = from_json(resp.content)
         stats.restored += 1
         stats.restored_bytes += int(answer.get("n_read") or 0)
+        stats.last_restore_ms = float((answer.get("timings") or {}).get("restore_ms") or 0.0)
         self._touch(saved.file)
         log.info("%s: restored %s tokens into slot %d from %s", self.model,
                  answer.get("n_restored"), slot, saved.file)  # fmt: skip
