@@ -269,3 +269,42 @@ async def test_output_is_read_in_batches_without_losing_or_blocking() -> None:
     assert len(r.output_tail(0).splitlines()) == 64
     assert time.monotonic() - t0 < 15
     await r.stop()
+
+
+def test_auto_prefers_configured_then_path_then_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from residency.runners import runner_class
+    from residency.runners.build import cache_dir
+    from residency.runners.defaults import _State
+
+    monkeypatch.setenv("RESIDENCY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(_State, "fallback_logged", False)
+    load_settings()
+    with caplog.at_level("WARNING"):
+        assert runner_class("auto") is LlamaCppPythonRunner
+    assert "no llama-server found" in caplog.text
+    assert "residency build-runner" in caplog.text
+
+    def executable(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return path
+
+    built = executable(cache_dir() / "bin" / "llama-server")
+    assert runner_class("auto") is LlamaServerRunner
+    on_path = executable(tmp_path / "bin" / "llama-server")
+    configured = executable(tmp_path / "mine" / "llama-server")
+    from residency.runners.build import find_llama_server
+
+    assert find_llama_server() == on_path
+    assert find_llama_server(str(configured)) == configured
+    on_path.unlink()
+    assert find_llama_server() == built
+    # A forced kind wins over what is found.
+    load_settings(runner="llama-cpp-python")
+    assert runner_class("auto") is LlamaCppPythonRunner
+    with pytest.raises(ConfigError, match="not an executable file"):
+        find_llama_server(str(tmp_path / "nope"))
