@@ -10,6 +10,7 @@ normal prefill; the disk budget holds.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,12 @@ def _cached(answer: dict[str, object]) -> int:
     return int(details.get("cached_tokens") or 0)
 
 
+def _files(server: Server, model: str) -> list[Path]:
+    """`model`'s saved slots (not those of a model whose name starts the same)."""
+    pattern = re.compile(rf"{re.escape(model)}-[0-9a-f]{{16}}-[0-9a-f]{{16}}\.bin")
+    return [p for p in server.kv_dir.glob("*.bin") if pattern.fullmatch(p.name)]
+
+
 def _kv(server: Server, model: str) -> dict[str, int]:
     stats: dict[str, int] = server.ps()["kv_cache"].get(model, {})
     return stats
@@ -94,8 +101,8 @@ def test_next_turn_after_eviction_is_served_from_the_restored_cache(server: Serv
     saved = _kv(server, "chat")
     assert saved["saved"] >= 1
     assert saved["saved_bytes"] > 0
-    assert list(server.kv_dir.glob("chat-*.bin"))
-    assert not list(server.kv_dir.glob("tiny-*"))  # kv_persist = false for tiny
+    assert _files(server, "chat")
+    assert not _files(server, "tiny")  # kv_persist = false for tiny
 
     answer = server.chat("chat", messages)  # a fresh runner for "chat"
     cached = _cached(answer)
@@ -119,7 +126,7 @@ def test_a_restore_for_other_options_is_not_used(server: Server) -> None:
 def test_a_changed_model_file_drops_its_saved_slots(server: Server) -> None:
     messages = _turns(server, "copy")
     _evict(server, "copy")
-    [saved] = server.kv_dir.glob("copy-*.bin")
+    [saved] = _files(server, "copy")
     copy = next(p for p in server.kv_dir.parent.glob("gemma-copy.gguf"))
     os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
     answer = server.chat("copy", messages)
@@ -131,7 +138,7 @@ def test_a_broken_saved_file_degrades_to_a_prefill(server: Server) -> None:
     messages = _turns(server, "chat")
     _evict(server, "chat")
     failed = _kv(server, "chat").get("failed", 0)
-    newest = max(server.kv_dir.glob("chat-*.bin"), key=lambda p: p.stat().st_mtime)
+    newest = max(_files(server, "chat"), key=lambda p: p.stat().st_mtime)
     newest.write_bytes(b"not a llama.cpp slot file")
     answer = server.chat("chat", messages)
     assert answer["choices"][0]["message"]["content"] is not None  # served, by a prefill

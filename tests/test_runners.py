@@ -87,7 +87,7 @@ async def test_llama_server_command_line(tmp_path: Path, monkeypatch: pytest.Mon
     assert flag(argv, "--verbosity") == "4"  # the buffer lines are logged at "trace"
     assert flag(argv, "--slot-save-path") == str(tmp_path / "kv")
     assert (tmp_path / "kv").is_dir()
-    assert "--embeddings" not in argv
+    assert "--embeddings" in argv  # it serves completions alongside, so /api/embed works
     assert r.health_path == "/health"
     missing = LlamaServerRunner(spec(binary=None))
     with pytest.raises(ConfigError, match="none is configured, on PATH or built"):

@@ -24,6 +24,21 @@ __all__ = [
 _CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama-2"}
 
 
+# llama-server's built-in templates for GGUFs that ship none (llama_chat_template names).
+_SERVER_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama2"}
+
+
+def _declares_pooling(model_path: Path) -> bool:
+    """Whether the GGUF names a pooling type (an embedding model); unreadable: assume it does."""
+    from residency.gguf_header import read_header
+
+    try:
+        meta = read_header(model_path).metadata
+    except (OSError, ValueError):
+        return True
+    return f"{meta.get('general.architecture')}.pooling_type" in meta
+
+
 def kv_type_id(kv_type: str) -> int:
     """ggml's numeric type for a KV cache type name ("f16", "q8_0"), as llama-cpp-python wants."""
     kv = KV_CACHE_TYPES.get(kv_type.lower())
@@ -131,7 +146,9 @@ class LlamaServerRunner(Runner):
     kind: ClassVar[str] = "llama-server"
     supports_offload: ClassVar[bool] = True
     default_health_path: ClassVar[str] = "/health"  # 503 while loading, 200 when ready
-    default_embedding: ClassVar[bool] = False
+    # With --embeddings this llama-server still serves completions (checked with the vendored
+    # build and Gemma 3 270M), so /api/embed works with any model, as in Ollama.
+    default_embedding: ClassVar[bool] = True
 
     def __init__(self, spec: LaunchSpec, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
@@ -193,10 +210,25 @@ class LlamaServerRunner(Runner):
         if self.kv is not None:
             self.kv.directory.mkdir(parents=True, exist_ok=True)
             argv += ["--slot-save-path", str(self.kv.directory)]
-        # --embeddings restricts llama-server to embeddings: on only when asked for.
         if self.embedding:
             argv.append("--embeddings")
+            if not _declares_pooling(s.model_path):
+                # A generative model pools nothing, and /v1/embeddings refuses unpooled output.
+                argv += ["--pooling", "mean"]
+        template = s.chat_format
+        if template is None and not s.details.get("has_chat_template", True):
+            template = _SERVER_TEMPLATES.get(str(s.details.get("family", "")))
+        if template:
+            # A llama.cpp built-in template by name (Jinja would read the name as a template).
+            argv += ["--no-jinja", "--chat-template", template]
         return argv + list(s.args)
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        if self.kv is not None:
+            # /slots then shows each slot's prompt text, which saved files are matched by.
+            env.setdefault("LLAMA_SERVER_SLOTS_DEBUG", "1")
+        return env
 
     async def stop(self, timeout_s: float = 10.0) -> int | None:
         """Saves the slots (bounded by the KV settings' save_timeout_s), then stops."""
