@@ -121,7 +121,8 @@ def test_eight_concurrent_requests_all_complete_distinctly(server: Server) -> No
 
 
 def test_errors_are_precise(server: Server) -> None:
-    r = _post(server, "/v1/chat/completions", {"model": "nope", "messages": []})
+    hi = [{"role": "user", "content": "hi"}]
+    r = _post(server, "/v1/chat/completions", {"model": "nope", "messages": hi})
     assert r.status_code == 404
     # A prompt beyond the slot's 1024 tokens: the runner refuses it, residency says 400.
     long = "word " * 3000
