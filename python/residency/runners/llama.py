@@ -48,7 +48,7 @@ def kv_type_id(kv_type: str) -> int:
 
 
 def llama_server_estimate_options(
-    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False
+    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False, swa_full: bool = False
 ) -> dict[str, Any]:
     """The estimator's options for the command line LlamaServerRunner builds (``ctx`` per slot)."""
     return {
@@ -56,7 +56,7 @@ def llama_server_estimate_options(
         "parallel": parallel,
         "kv_type": kv_type,
         "embeddings": embedding,
-        "swa_full": False,
+        "swa_full": swa_full,
         # llama-server's default `-fa auto`: on unless CUDA lacks the model's head size.
         "flash_attn": "auto",
         # It reserves logits for one token per slot (all of a batch only when serving embeddings).
@@ -170,6 +170,8 @@ class LlamaServerRunner(Runner):
             parallel=parallel,
             kv_type=kv_type,
             embedding=cls.default_embedding if embedding is None else embedding,
+            # KV persistence runs it with --swa-full (a model opted out is overestimated a bit).
+            swa_full=defaults.current().kv.enabled,
         )
 
     def binary(self) -> Path:
@@ -209,7 +211,9 @@ class LlamaServerRunner(Runner):
         ]
         if self.kv is not None:
             self.kv.directory.mkdir(parents=True, exist_ok=True)
-            argv += ["--slot-save-path", str(self.kv.directory)]
+            # A sliding-window cache keeps only the window: a restored slot would be reprocessed
+            # in full ("lack of cache data"). The full-size one is reusable.
+            argv += ["--slot-save-path", str(self.kv.directory), "--swa-full"]
         if self.embedding:
             argv.append("--embeddings")
             if not _declares_pooling(s.model_path):
