@@ -103,10 +103,10 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=4500, help="conversation length to build")
-    ap.add_argument("--quick", action="store_true", help="2 repetitions of a 1,000-token chat")
+    ap.add_argument("--quick", action="store_true", help="2 repetitions of a 500-token chat")
     args = ap.parse_args()
     if args.quick:
-        args.repetitions, args.tokens = 2, 1000
+        args.repetitions, args.tokens = 2, 500
     if find_llama_server() is None:
         sys.exit("no llama-server: build it with scripts/build-llama-server.sh")
     ctx = max(2048, int(args.tokens * 1.5))

@@ -115,10 +115,15 @@ def main() -> None:
         (models / "gemma.gguf").symlink_to(default_model_path())
         write_llama(models / "tiny.gguf", n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256)
         config = tmp / "residency.toml"
+        # The same runner flags both ways: residency's defaults (embeddings with mean pooling,
+        # llama.cpp's built-in gemma template for GGUFs without one) given to the router too.
         config.write_text(
             f'runner = "llama-server"\nllama_server = "{binary}"\nmax_loaded_models = 1\n'
             f'default_ctx = {CTX}\nkv_persist = false\nkeep_alive = "-1"\n'
-            f'models_dir = "{models}"\n'
+            + "".join(
+                f'[[models]]\nname = "{m}"\npath = "{models / m}.gguf"\nchat_format = "gemma"\n'
+                for m in ("gemma", "tiny")
+            )
         )
         res_port, router_port = free_port(), free_port()
         servers = {
@@ -129,6 +134,8 @@ def main() -> None:
                     "--config", str(config), "--log-level", "warning"]  # fmt: skip
         router_argv = [str(binary), "--models-dir", str(models), "--models-max", "1",
                        "--ctx-size", str(CTX), "--parallel", "1", "--host", "127.0.0.1",
+                       "--embeddings", "--pooling", "mean", "--no-jinja", "--chat-template",
+                       "gemma",
                        "--port", str(router_port)]  # fmt: skip
         swaps: dict[tuple[str, str], list[float]] = {}
         warm: dict[str, list[float]] = {"residency": [], "router": []}
