@@ -142,7 +142,9 @@ def main() -> None:
         with (
             process(res_argv, tmp / "residency.log", servers["residency"], "/"),
             process(router_argv, tmp / "router.log", servers["router"], "/health"),
-            httpx.Client() as client,
+            # A new connection per request: a kept-alive one may have idled out during the
+            # other server's swap, and the same cost lands on both servers.
+            httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as client,
         ):
             for url in servers.values():
                 chat(client, url, "gemma")  # warm-up: page cache, first-start costs

@@ -3,4 +3,4 @@
 # prints its path. Same code path as `residency build-runner`; options: --jobs N, --force.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m residency.runners.build "$@"
+exec python -m residency build-runner "$@"

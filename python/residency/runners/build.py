@@ -234,12 +234,12 @@ def build_in_background() -> subprocess.Popen[str] | None:
     from residency.runners._process import CAN_DIE_WITH_PARENT, die_with_parent
 
     log.warning(
-        "building llama-server for this host in the background into %s (about 20-30 min on 2 "
+        "building llama-server for this host in the background into %s (about 15-20 min on 2 "
         "cores); serving with llama-cpp-python until it is done",
         cache_dir(),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "residency.runners.build"],
+        [sys.executable, "-m", "residency", "build-runner"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
