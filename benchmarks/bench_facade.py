@@ -107,8 +107,11 @@ def runner_port(server_pid: int) -> int:
 
 def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     config = tmp / "residency.toml"
-    # discover = false: the embedded Gemma, whatever models this machine holds.
-    config.write_text('keep_alive = "-1"\ndefault_ctx = 1024\ndiscover = false\n')
+    # The embedded Gemma on llama-cpp-python (the runner the figures were measured with), whatever
+    # models this machine holds.
+    config.write_text(
+        'runner = "llama-cpp-python"\nkeep_alive = "-1"\ndefault_ctx = 1024\ndiscover = false\n'
+    )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}
     log = (tmp / "server.log").open("wb")

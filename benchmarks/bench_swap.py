@@ -1,165 +1,185 @@
-"""Cold swap through the scheduler against the runner's own start-to-ready time, in one run.
+"""Model swaps through residency against llama.cpp's own router (`llama-server --models-dir
+--models-max 1`), interleaved in one run, with the same llama-server binary and the same models.
 
-Two entries share the embedded Gemma 3 270M; a budget that holds one of them makes every request a
-swap: stop the resident runner, check the memory is back, start the other, wait until it is ready,
-stream the first byte. The baseline, measured in the same iterations, starts the same runner
-directly (same command line, same readiness check) and streams the same request.
+Two models — the embedded Gemma 3 270M and a tiny generated llama — and room for one: every
+request for the other model is a swap (stop the resident runner, start the other, load, answer).
+Each iteration, for each server in alternating order: swap to tiny, swap to Gemma, one warm
+request to Gemma. Requests are OpenAI chat, 8 tokens, unstreamed; timed from send to the whole
+answer. residency runs llama-server with KV persistence off, so both do the same work (the
+router saves nothing).
 
-    python benchmarks/bench_swap.py [--iterations 5]
+    python benchmarks/bench_swap.py [--iterations 7] [--quick]
 
-Figures (medians; last stdout line is one JSON object; target overhead ≤ 50 ms):
-- runner_ready_p50_ms: the runner started directly, start → ready (its own load time).
-- swap_p50_ms: request through the scheduler → first byte of the response (a full swap).
-- overhead_p50_ms: what the swap spent outside the runner's own work, measured inside the same
-  swap: request → new runner spawned (evict, memory check, spawn) + runner ready → lease handed
-  out. Exact and free of run-to-run noise.
-- overhead_vs_direct_p50_ms: swap − direct (start → first byte), paired per iteration. It includes
-  the machine's run-to-run noise, which on a busy 2-core box is ±1 s (prompt evaluation timing).
-- runner_ready_in_swap_p50_ms: the runner's start → ready inside the swaps (beside a dying victim).
+Last stdout line, one JSON object (medians, ms): residency_swap_p50_ms, router_swap_p50_ms,
+swap_ratio_vs_router_p50 (residency / router over all swaps), the same per target model, warm
+requests both ways and warm_ratio_vs_router_p50. Target: both ratios ≤ 1.1.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
-from residency.config import ModelConfig, load_settings
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from estimate_models import write_llama
 from residency.embedded import default_model_path
-from residency.runners import LaunchSpec, LlamaCppPythonRunner
-from residency.scheduler import Scheduler
+from residency.runners.build import find_llama_server
 
-MIB = 1 << 20
-CTX = 512
-REQUEST = {
-    "messages": [{"role": "user", "content": "Say hello"}],
-    "max_tokens": 2,
-    "stream": True,
-}
+CTX = 1024
 
 
-async def first_byte(client: httpx.AsyncClient) -> float:
-    """Streams the request; returns when the first body byte arrives (monotonic seconds)."""
-    async with client.stream("POST", "/v1/chat/completions", json=REQUEST, timeout=60) as r:
-        r.raise_for_status()
-        t = None
-        async for chunk in r.aiter_bytes():  # read it all, so the runner is idle again
-            if chunk and t is None:
-                t = time.monotonic()
-    assert t is not None, "the runner answered with an empty body"
-    return t
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-async def direct(scheduler: Scheduler) -> tuple[float, float]:
-    """The runner on its own: (start → ready, start → first byte) in seconds."""
-    entry = scheduler.resolve("swap-a")
-    spec = LaunchSpec(
-        name="direct",
-        model_path=entry.path,
-        ctx=CTX,
-        parallel=1,
-        kv_type="f16",
-        gpu_layers=0,
-        details=entry.details,
-    )
-    runner = LlamaCppPythonRunner(spec)
-    t0 = time.monotonic()
-    try:
-        await runner.start()
-        await runner.wait_ready(300)
-        ready = time.monotonic()
-        fb = await first_byte(runner.client)
-    finally:
-        await runner.stop()
-    return ready - t0, fb - t0
-
-
-async def swap(scheduler: Scheduler, name: str) -> tuple[float, float, float, float, bool]:
-    """(request → first byte, request → runner spawned, the runner's start → ready inside the
-    swap, runner ready → lease handed out)."""
-    t0 = time.monotonic()
-    async with scheduler.session(name) as lease:
-        handed = time.monotonic()
-        fb = await first_byte(lease.client)
-        r = lease.runner
-        return (
-            fb - t0,
-            r.started_at_s - t0,
-            r.ready_at_s - r.started_at_s,
-            handed - r.ready_at_s,
-            lease.cold,
+@contextmanager
+def process(argv: list[str], log: Path, url: str, ready_path: str) -> Iterator[None]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}
+    if os.environ.get("RESIDENCY_CACHE_DIR"):
+        env["RESIDENCY_CACHE_DIR"] = os.environ["RESIDENCY_CACHE_DIR"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                sys.exit(f"{argv[0]} exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + ready_path, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                sys.exit(f"{argv[0]} did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
-async def main() -> None:
+def chat(client: httpx.Client, url: str, model: str) -> float:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    t0 = time.perf_counter()
+    r = client.post(url + "/v1/chat/completions", json=body, timeout=300)
+    took = time.perf_counter() - t0
+    assert r.status_code == 200, f"{url} {model}: {r.status_code} {r.text[:500]}"
+    assert r.json()["choices"][0]["message"]["content"] is not None
+    return took * 1e3
+
+
+def p50(values: list[float]) -> float:
+    return round(statistics.median(values), 1)
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--iterations", type=int, default=11)
+    ap.add_argument("--iterations", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="2 iterations")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("residency.scheduler").setLevel(logging.INFO)
-    gguf = default_model_path()
-    # Each entry reserves 900 MiB (the real use, ~1 GiB, replaces it once loaded); the budget
-    # holds one: every request for the other model is a full swap.
-    models = [
-        ModelConfig(name=n, path=gguf, ctx=CTX, memory=900 * MIB) for n in ("swap-a", "swap-b")
-    ]
-    settings: Any = load_settings(models=models, memory_limit=1536 * MIB)
-    ready_s: list[float] = []
-    direct_s: list[float] = []
-    swap_s: list[float] = []
-    pre_start_s: list[float] = []
-    ready_in_swap_s: list[float] = []
-    handoff_s: list[float] = []
-    async with Scheduler(settings) as scheduler:
-        await scheduler.load("swap-b")  # warm-up: the page cache holds the GGUF from here on
-        for i in range(args.iterations):
-            name = "swap-a" if i % 2 == 0 else "swap-b"
-            # Alternate which goes first, so a slow spell of this shared machine hits both alike.
-            if i % 2 == 0:
-                ready, total = await direct(scheduler)
-                took, pre, ready_in_swap, handoff, cold = await swap(scheduler, name)
-            else:
-                took, pre, ready_in_swap, handoff, cold = await swap(scheduler, name)
-                ready, total = await direct(scheduler)
-            assert cold, "every request must be a cold swap"
-            assert len(scheduler.resident()) == 1, "the other model must have been evicted"
-            ready_s.append(ready)
-            direct_s.append(total)
-            swap_s.append(took)
-            pre_start_s.append(pre)
-            ready_in_swap_s.append(ready_in_swap)
-            handoff_s.append(handoff)
-            print(
-                f"iteration {i}: runner ready {ready * 1e3:.0f} ms, direct first byte "
-                f"{total * 1e3:.0f} ms, swap first byte {took * 1e3:.0f} ms "
-                f"(overhead {(took - total) * 1e3:+.0f} ms; request→spawn {pre * 1e3:.0f} ms, "
-                f"runner ready in swap {ready_in_swap * 1e3:.0f} ms, "
-                f"ready→lease {handoff * 1e3:.1f} ms)",
-                flush=True,
+    if args.quick:
+        args.iterations = 2
+    binary = find_llama_server()
+    if binary is None:
+        sys.exit("no llama-server: build it with scripts/build-llama-server.sh")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        models = tmp / "models"
+        models.mkdir()
+        (models / "gemma.gguf").symlink_to(default_model_path())
+        write_llama(models / "tiny.gguf", n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256)
+        config = tmp / "residency.toml"
+        # The same runner flags both ways: residency's defaults (embeddings with mean pooling,
+        # llama.cpp's built-in gemma template for GGUFs without one) given to the router too.
+        config.write_text(
+            f'runner = "llama-server"\nllama_server = "{binary}"\nmax_loaded_models = 1\n'
+            f'default_ctx = {CTX}\nkv_persist = false\nkeep_alive = "-1"\n'
+            + "".join(
+                f'[[models]]\nname = "{m}"\npath = "{models / m}.gguf"\nchat_format = "gemma"\n'
+                for m in ("gemma", "tiny")
             )
-    vs_direct = [s - d for s, d in zip(swap_s, direct_s, strict=True)]
-    own = [p + h for p, h in zip(pre_start_s, handoff_s, strict=True)]
+        )
+        res_port, router_port = free_port(), free_port()
+        servers = {
+            "residency": f"http://127.0.0.1:{res_port}",
+            "router": f"http://127.0.0.1:{router_port}",
+        }
+        res_argv = [sys.executable, "-m", "residency", "serve", "--port", str(res_port),
+                    "--config", str(config), "--log-level", "warning"]  # fmt: skip
+        router_argv = [str(binary), "--models-dir", str(models), "--models-max", "1",
+                       "--ctx-size", str(CTX), "--parallel", "1", "--host", "127.0.0.1",
+                       "--embeddings", "--pooling", "mean", "--no-jinja", "--chat-template",
+                       "gemma",
+                       "--port", str(router_port)]  # fmt: skip
+        swaps: dict[tuple[str, str], list[float]] = {}
+        warm: dict[str, list[float]] = {"residency": [], "router": []}
+        with (
+            process(res_argv, tmp / "residency.log", servers["residency"], "/"),
+            process(router_argv, tmp / "router.log", servers["router"], "/health"),
+            # A new connection per request: a kept-alive one may have idled out during the
+            # other server's swap, and the same cost lands on both servers.
+            httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as client,
+        ):
+            for url in servers.values():
+                chat(client, url, "gemma")  # warm-up: page cache, first-start costs
+            for i in range(args.iterations):
+                order = ["residency", "router"] if i % 2 == 0 else ["router", "residency"]
+                for who in order:
+                    url = servers[who]
+                    for model in ("tiny", "gemma"):
+                        swaps.setdefault((who, model), []).append(chat(client, url, model))
+                    warm[who].append(chat(client, url, "gemma"))
+                print(
+                    f"iteration {i}: "
+                    + ", ".join(f"{w} {m} {v[-1]:.0f} ms" for (w, m), v in swaps.items())
+                    + f", warm residency {warm['residency'][-1]:.0f} ms, "
+                    f"router {warm['router'][-1]:.0f} ms",
+                    flush=True,
+                )
+    res_all = swaps[("residency", "tiny")] + swaps[("residency", "gemma")]
+    router_all = swaps[("router", "tiny")] + swaps[("router", "gemma")]
     result = {
-        "runner_ready_p50_ms": round(statistics.median(ready_s) * 1e3, 1),
-        "direct_first_byte_p50_ms": round(statistics.median(direct_s) * 1e3, 1),
-        "swap_p50_ms": round(statistics.median(swap_s) * 1e3, 1),
-        "overhead_p50_ms": round(statistics.median(own) * 1e3, 2),
-        "overhead_vs_direct_p50_ms": round(statistics.median(vs_direct) * 1e3, 1),
-        "evict_to_spawn_p50_ms": round(statistics.median(pre_start_s) * 1e3, 1),
-        "ready_to_lease_p50_ms": round(statistics.median(handoff_s) * 1e3, 2),
-        # The same runner's start → ready when started by a swap (beside a dying victim).
-        "runner_ready_in_swap_p50_ms": round(statistics.median(ready_in_swap_s) * 1e3, 1),
+        "residency_swap_p50_ms": p50(res_all),
+        "router_swap_p50_ms": p50(router_all),
+        "swap_ratio_vs_router_p50": round(p50(res_all) / p50(router_all), 3),
+        "residency_swap_to_tiny_p50_ms": p50(swaps[("residency", "tiny")]),
+        "router_swap_to_tiny_p50_ms": p50(swaps[("router", "tiny")]),
+        "residency_swap_to_gemma_p50_ms": p50(swaps[("residency", "gemma")]),
+        "router_swap_to_gemma_p50_ms": p50(swaps[("router", "gemma")]),
+        "residency_warm_p50_ms": p50(warm["residency"]),
+        "router_warm_p50_ms": p50(warm["router"]),
+        "warm_ratio_vs_router_p50": round(p50(warm["residency"]) / p50(warm["router"]), 3),
         "iterations": args.iterations,
-        "target_overhead_ms": 50,
+        "target_ratio": 1.1,
     }
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
 # The suite must not serve whatever models this machine's Ollama store or Hugging Face cache hold;
 # tests of discovery turn it on with their own stores (tests/test_discovery.py).
 os.environ.setdefault("RESIDENCY_DISCOVER", "0")
+# A `residency serve` a test starts never builds llama-server in the background: CI builds it
+# first (scripts/build-llama-server.sh), and a test must not start a 20-minute compile.
+os.environ.setdefault("RESIDENCY_BUILD_RUNNER", "0")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -22,3 +26,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _runner_defaults() -> Iterator[None]:
+    """Settings set the runner kinds' process-wide defaults: each test starts from the built-in
+    ones and leaves them so."""
+    from residency.runners import defaults
+
+    defaults.configure(defaults.RunnerDefaults())
+    yield
+    defaults.configure(defaults.RunnerDefaults())

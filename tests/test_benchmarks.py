@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from residency.runners.build import find_llama_server
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 CPU_BENCHMARKS = sorted(
     p for p in BENCHMARKS.glob("bench_*.py") if not p.name.startswith("bench_gpu_")
@@ -24,7 +26,9 @@ CPU_BENCHMARKS = sorted(
 #: Seconds one quick run may take on the 2-core CI machine (the slowest starts a real runner).
 QUICK_LIMIT_S = 240
 #: Benchmarks that start the real llama-cpp-python runner.
-NEEDS_LLAMA_CPP = {"bench_facade.py", "bench_estimate.py", "bench_swap.py"}
+NEEDS_LLAMA_CPP = {"bench_facade.py", "bench_estimate.py"}
+#: Benchmarks that start llama.cpp's llama-server (scripts/build-llama-server.sh builds it).
+NEEDS_LLAMA_SERVER = {"bench_swap.py", "bench_kv_restore.py"}
 
 
 @pytest.mark.timeout(QUICK_LIMIT_S + 30)
@@ -34,6 +38,8 @@ def test_benchmark_runs_in_quick_mode(bench: Path, tmp_path: Path) -> None:
         pytest.skip(f"{bench.name} has no --quick mode yet")
     if bench.name in NEEDS_LLAMA_CPP and importlib.util.find_spec("llama_cpp") is None:
         pytest.skip(f"{bench.name} needs llama-cpp-python")
+    if bench.name in NEEDS_LLAMA_SERVER and find_llama_server() is None:
+        pytest.skip(f"{bench.name} needs llama-server (scripts/build-llama-server.sh)")
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
         [sys.executable, str(bench), "--quick"],

@@ -122,7 +122,7 @@ env = { VLLM_USE_V1 = "1" }
         2048,
         "-1",
         True,
-        "llama-cpp-python",
+        "auto",
     )
     assert vllm.command == ["vllm", "serve", "{model}", "--port", "{port}"]
     assert vllm.env == {"VLLM_USE_V1": "1"}
@@ -170,7 +170,7 @@ def test_no_models_means_the_embedded_gemma() -> None:
     [entry] = reg.entries()
     assert entry.name == DEFAULT_MODEL_NAME
     assert entry.path == default_model_path()
-    assert entry.runner == "llama-cpp-python"
+    assert entry.runner == "auto"  # llama-server when one is found, else llama-cpp-python
     assert entry.details["format"] == "gguf"
     assert entry.details["family"] == "gemma3"
     assert entry.details["parameter_size"] == "270M"

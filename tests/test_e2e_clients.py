@@ -89,7 +89,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("e2e")
     config = tmp / "residency.toml"
     # max_queue 1: a second request while the first one loads the model is refused (503).
-    config.write_text('keep_alive = "5m"\ndefault_ctx = 1024\nmax_queue = 1\n')
+    config.write_text(
+        'runner = "llama-cpp-python"\nkeep_alive = "5m"\ndefault_ctx = 1024\nmax_queue = 1\n'
+    )
     port = _free_port()
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}

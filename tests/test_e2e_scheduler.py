@@ -51,8 +51,8 @@ def _pid(lease: Lease) -> int:
 async def test_swap_two_real_models_through_the_budget(tmp_path: Path) -> None:
     gguf = default_model_path()
     models = [
-        ModelConfig(name="gemma-a", path=gguf, ctx=512),
-        ModelConfig(name="gemma-b", path=gguf, ctx=1024),
+        ModelConfig(name="gemma-a", path=gguf, ctx=512, runner="llama-cpp-python"),
+        ModelConfig(name="gemma-b", path=gguf, ctx=1024, runner="llama-cpp-python"),
     ]
     settings: Any = load_settings(models=models, memory_limit=BUDGET, stop_timeout_s=10)
     async with Scheduler(settings) as s:
@@ -112,7 +112,9 @@ async def test_too_large_for_the_gpu_loads_partially_offloaded(tmp_path: Path) -
     SimulatedDevice.create(sim, 1490 * MIB)
     gguf = default_model_path()
     settings: Any = load_settings(
-        models=[ModelConfig(name="g", path=gguf, ctx=512)], simulated_device=sim, gpu_overhead=0
+        models=[ModelConfig(name="g", path=gguf, ctx=512, runner="llama-cpp-python")],
+        simulated_device=sim,
+        gpu_overhead=0,
     )
     fit = fit_layers(gguf, 1490 * MIB, ctx=512, parallel=1, kv_type="f16", embeddings=True)
     assert fit.layers > 0

@@ -101,9 +101,9 @@ def test_llama_server_slots_share_the_context_in_argv_and_estimate() -> None:
     opts = LlamaServerRunner.estimate_options(ctx=2048, parallel=4, kv_type="q8_0", embedding=None)
     assert opts["ctx"] == ctx_size
     assert opts["parallel"] == 4
-    assert opts["embeddings"] is False  # the kind's default: off
-    assert "--embeddings" not in argv
-    assert "--embeddings" in LlamaServerRunner(_spec(embedding=True)).argv()
+    assert opts["embeddings"] is True  # the kind's default: on (completions still served)
+    assert "--embeddings" in argv
+    assert "--embeddings" not in LlamaServerRunner(_spec(embedding=False)).argv()
 
 
 def test_llama_cpp_python_owns_its_defaults() -> None:

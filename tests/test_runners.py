@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from residency.config import load_settings
 from residency.errors import ConfigError, RunnerError
 from residency.runners import (
     CommandRunner,
@@ -70,8 +70,13 @@ async def test_llama_cpp_python_command_line() -> None:
         await r.client.aclose()
 
 
-async def test_llama_server_command_line(tmp_path: Path) -> None:
+async def test_llama_server_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESIDENCY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    load_settings(kv_dir=tmp_path / "kv")
     binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
     r = LlamaServerRunner(spec(device="cuda:0", binary=str(binary)))
     argv = r.argv()
     assert argv[0] == str(binary)
@@ -79,12 +84,18 @@ async def test_llama_server_command_line(tmp_path: Path) -> None:
     assert flag(argv, "--parallel") == "2"
     assert flag(argv, "--n-gpu-layers") == "999"
     assert flag(argv, "--cache-type-k") == "f16"
-    assert "--embeddings" not in argv
+    assert flag(argv, "--verbosity") == "4"  # the buffer lines are logged at "trace"
+    assert flag(argv, "--slot-save-path") == str(tmp_path / "kv")
+    assert (tmp_path / "kv").is_dir()
+    assert "--embeddings" in argv  # it serves completions alongside, so /api/embed works
     assert r.health_path == "/health"
     missing = LlamaServerRunner(spec(binary=None))
-    if shutil.which("llama-server") is None:
-        with pytest.raises(ConfigError, match="no llama-server is on PATH"):
-            missing.argv()
+    with pytest.raises(ConfigError, match="none is configured, on PATH or built"):
+        missing.argv()
+    load_settings(kv_persist=False)
+    plain = LlamaServerRunner(spec(binary=str(binary)))
+    assert "--slot-save-path" not in plain.argv()
+    await plain.client.aclose()
     await r.client.aclose()
     await missing.client.aclose()
 
@@ -258,3 +269,42 @@ async def test_output_is_read_in_batches_without_losing_or_blocking() -> None:
     assert len(r.output_tail(0).splitlines()) == 64
     assert time.monotonic() - t0 < 15
     await r.stop()
+
+
+def test_auto_prefers_configured_then_path_then_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from residency.runners import runner_class
+    from residency.runners.build import cache_dir
+    from residency.runners.defaults import _State
+
+    monkeypatch.setenv("RESIDENCY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(_State, "fallback_logged", False)
+    load_settings()
+    with caplog.at_level("WARNING"):
+        assert runner_class("auto") is LlamaCppPythonRunner
+    assert "no llama-server found" in caplog.text
+    assert "residency build-runner" in caplog.text
+
+    def executable(path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return path
+
+    built = executable(cache_dir() / "bin" / "llama-server")
+    assert runner_class("auto") is LlamaServerRunner
+    on_path = executable(tmp_path / "bin" / "llama-server")
+    configured = executable(tmp_path / "mine" / "llama-server")
+    from residency.runners.build import find_llama_server
+
+    assert find_llama_server() == on_path
+    assert find_llama_server(str(configured)) == configured
+    on_path.unlink()
+    assert find_llama_server() == built
+    # A forced kind wins over what is found.
+    load_settings(runner="llama-cpp-python")
+    assert runner_class("auto") is LlamaCppPythonRunner
+    with pytest.raises(ConfigError, match="not an executable file"):
+        find_llama_server(str(tmp_path / "nope"))

@@ -68,6 +68,15 @@ def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 _COMMANDS.append(_add_client_verbs)
 
 
+def _add_build_runner(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from residency.runners.build import add_parser
+
+    add_parser(sub)
+
+
+_COMMANDS.append(_add_build_runner)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

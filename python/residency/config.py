@@ -35,7 +35,7 @@ from residency.keepalive import parse_keep_alive
 
 __all__ = ["ModelConfig", "RunnerKind", "Settings", "load_settings"]
 
-RunnerKind = Literal["llama-cpp-python", "llama-server", "command"]
+RunnerKind = Literal["auto", "llama-server", "llama-cpp-python", "command"]
 
 #: KV cache types llama.cpp's runners accept (Ollama documents f16, q8_0 and q4_0).
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0", "f32", "bf16", "q4_1", "q5_0", "q5_1", "iq4_nl")
@@ -59,7 +59,10 @@ class ModelConfig(BaseModel):
     name: str = Field(min_length=1)
     #: The model file (GGUF for the llama.cpp runners; anything a `command` template understands).
     path: Path
-    runner: RunnerKind = "llama-cpp-python"
+    #: "auto" = the settings' `runner` (llama-server when one is found, else llama-cpp-python).
+    runner: RunnerKind = "auto"
+    #: Save this model's llama-server slots before its runner stops (see Settings.kv_persist).
+    kv_persist: bool = True
     #: Context length; None = min(settings.default_ctx, the model's training context).
     ctx: int | None = Field(default=None, gt=0)
     #: Parallel request slots; None = settings.num_parallel.
@@ -208,8 +211,45 @@ class Settings(BaseSettings):
     flash_attention: bool | None = Field(default=None, validation_alias=_alias("flash_attention"))
     #: Spread each model across all GPUs instead of fitting it on one (as OLLAMA_SCHED_SPREAD).
     sched_spread: bool = Field(default=False, validation_alias=_alias("sched_spread"))
-    #: The llama.cpp `llama-server` binary; None = look it up on PATH.
+    # ---- runners: which one, where llama-server is, KV persistence (residency.runners) ----
+    #: The runner of models that say "auto": "auto" = llama-server when one is configured, on
+    #: PATH or built (`residency build-runner`), else llama-cpp-python.
+    runner: RunnerKind = "auto"
+    #: The llama.cpp `llama-server` binary; None = PATH, then residency's own build.
     llama_server: str | None = None
+    #: `residency serve` builds llama-server in the background when "auto" finds none.
+    build_runner: bool = True
+    #: Save llama-server slots (the KV cache of a conversation) before a runner stops, and
+    #: restore them when a later request continues that conversation.
+    kv_persist: bool = True
+    #: Where saved slots live; None = <cache>/kv.
+    kv_dir: Path | None = None
+    #: Bytes of saved slots kept; beyond it the least recently used are removed.
+    kv_budget: int = Field(default=4 << 30, ge=0)
+    #: The longest a stopping runner waits for its saves (eviction, expiry, unload).
+    kv_save_timeout_s: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _configure_runners(self) -> Settings:
+        from residency.runners.defaults import KvPersistence, RunnerDefaults, configure
+
+        if self.runner == "command":
+            raise ValueError("runner: 'command' is per model (it needs a `command` template)")
+        configure(
+            RunnerDefaults(
+                runner=self.runner,
+                llama_server=self.llama_server,
+                build_runner=self.build_runner,
+                kv=KvPersistence(
+                    enabled=self.kv_persist,
+                    directory=self.kv_dir,
+                    budget_bytes=self.kv_budget,
+                    save_timeout_s=self.kv_save_timeout_s,
+                    disabled_models=frozenset(m.name for m in self.models if not m.kv_persist),
+                ),
+            )
+        )
+        return self
 
     @model_validator(mode="before")
     @classmethod

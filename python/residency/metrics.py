@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
@@ -205,3 +205,21 @@ class _StateCollector(Collector):
         yield resident
         yield from per_model.values()
         yield refcount
+        yield from _kv_counters()
+
+
+def _kv_counters() -> Iterator[Metric]:
+    """KV slots saved before runners stopped and restored into their successors, by model."""
+    from residency.runners.kvcache import KV_STATS
+
+    for field, text in (
+        ("saved", "llama-server slots saved before their runner stopped."),
+        ("saved_bytes", "Bytes of slots saved."),
+        ("restored", "Saved slots restored into a new runner."),
+        ("restored_bytes", "Bytes of slots restored."),
+        ("failed", "Slot saves or restores that failed (served by a normal prefill)."),
+    ):
+        family = CounterMetricFamily(f"residency_kv_{field}", text, labels=("model",))
+        for model, stats in sorted(KV_STATS.items()):
+            family.add_metric([model], getattr(stats, field))
+        yield family

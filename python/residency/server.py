@@ -68,12 +68,15 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
 
     from residency.api import create_app
     from residency.api.protocol import HttpProtocol
+    from residency.runners.defaults import start_build_if_missing
     from residency.scheduler import Scheduler
 
     # Built here, not in the lifespan: a bad model file fails with a clear message before
     # uvicorn binds the port. Constructing it starts nothing.
     scheduler = Scheduler(settings)
     app = create_app(settings, scheduler=scheduler)
+    # runner "auto" and no llama-server yet: build it meanwhile (runners.build).
+    start_build_if_missing()
     config = uvicorn.Config(
         app,
         host=settings.host,

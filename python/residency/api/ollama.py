@@ -37,6 +37,7 @@ from residency.api.translate import (
     split_options,
 )
 from residency.registry import model_info
+from residency.runners.kvcache import kv_stats_json
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -290,7 +291,8 @@ async def ps(state: State) -> Response:
                 "refcount": r.refcount,
             }
         )
-    return json_response({"models": models})
+    # residency's addition: KV slots saved before runners stopped and restored after, by model.
+    return json_response({"models": models, "kv_cache": kv_stats_json()})
 
 
 @router.get("/api/tags")

@@ -1,10 +1,12 @@
-"""Runner kinds behind one interface (`Runner`): llama-cpp-python, llama-server, command."""
+"""Runner kinds behind one interface (`Runner`): llama-server, llama-cpp-python, command, and
+"auto" (llama-server when there is one, else llama-cpp-python)."""
 
 from __future__ import annotations
 
 from residency.errors import ConfigError
 from residency.runners.base import LaunchSpec, Runner, free_port
 from residency.runners.command import CommandRunner
+from residency.runners.defaults import resolve_auto
 from residency.runners.llama import LlamaCppPythonRunner, LlamaServerRunner
 
 __all__ = [
@@ -24,6 +26,9 @@ RUNNER_KINDS: dict[str, type[Runner]] = {
 
 
 def runner_class(kind: str) -> type[Runner]:
+    """The class for a configured runner kind; "auto" is resolved now (defaults.resolve_auto)."""
+    if kind == "auto":
+        kind = resolve_auto()
     try:
         return RUNNER_KINDS[kind]
     except KeyError:

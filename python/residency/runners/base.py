@@ -339,7 +339,8 @@ class Runner(ABC):
         self._last_output_s = time.monotonic()
         for line in lines:
             self._tail.append(line)
-            buffer = parse_buffer_line(line)
+            # A substring test first: a runner's per-request lines cost next to nothing.
+            buffer = parse_buffer_line(line) if "buffer size" in line else None
             if buffer is not None:
                 key = f"{buffer.device}/{buffer.kind}"
                 self._buffers[key] = self._buffers.get(key, 0) + int(buffer.size_bytes)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 from residency.errors import ConfigError
 from residency.llamacpp import KV_CACHE_TYPES, needs_flash_attn, slots_ctx_size
-from residency.runners.base import LOOPBACK, Runner
+from residency.runners import defaults
+from residency.runners.base import LOOPBACK, LaunchSpec, Runner
+from residency.runners.build import find_llama_server
+from residency.runners.kvcache import SlotPersistence, cache_key
 
 __all__ = [
     "LlamaCppPythonRunner",
@@ -21,6 +24,21 @@ __all__ = [
 _CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama-2"}
 
 
+# llama-server's built-in templates for GGUFs that ship none (llama_chat_template names).
+_SERVER_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama2"}
+
+
+def _declares_pooling(model_path: Path) -> bool:
+    """Whether the GGUF names a pooling type (an embedding model); unreadable: assume it does."""
+    from residency.gguf_header import read_header
+
+    try:
+        meta = read_header(model_path).metadata
+    except (OSError, ValueError):
+        return True
+    return f"{meta.get('general.architecture')}.pooling_type" in meta
+
+
 def kv_type_id(kv_type: str) -> int:
     """ggml's numeric type for a KV cache type name ("f16", "q8_0"), as llama-cpp-python wants."""
     kv = KV_CACHE_TYPES.get(kv_type.lower())
@@ -30,7 +48,7 @@ def kv_type_id(kv_type: str) -> int:
 
 
 def llama_server_estimate_options(
-    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False
+    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False, swa_full: bool = False
 ) -> dict[str, Any]:
     """The estimator's options for the command line LlamaServerRunner builds (``ctx`` per slot)."""
     return {
@@ -38,7 +56,7 @@ def llama_server_estimate_options(
         "parallel": parallel,
         "kv_type": kv_type,
         "embeddings": embedding,
-        "swa_full": False,
+        "swa_full": swa_full,
         # llama-server's default `-fa auto`: on unless CUDA lacks the model's head size.
         "flash_attn": "auto",
         # It reserves logits for one token per slot (all of a batch only when serving embeddings).
@@ -121,11 +139,27 @@ class LlamaCppPythonRunner(Runner):
 
 
 class LlamaServerRunner(Runner):
-    """llama.cpp's ``llama-server`` binary (configured, or found on PATH)."""
+    """llama.cpp's ``llama-server`` binary: configured, on PATH, or built by residency
+    (runners.build). Its slots are saved before it stops and restored into its successor
+    (runners.kvcache) unless KV persistence is off for the model."""
 
     kind: ClassVar[str] = "llama-server"
     supports_offload: ClassVar[bool] = True
     default_health_path: ClassVar[str] = "/health"  # 503 while loading, 200 when ready
+    # With --embeddings this llama-server still serves completions (checked with the vendored
+    # build and Gemma 3 270M), so /api/embed works with any model, as in Ollama.
+    default_embedding: ClassVar[bool] = True
+
+    def __init__(self, spec: LaunchSpec, **kwargs: Any) -> None:
+        super().__init__(spec, **kwargs)
+        kv = defaults.current().kv
+        self.kv: SlotPersistence | None = None
+        if kv.enabled_for(spec.name):
+            key = cache_key(spec.model_path, ctx=spec.ctx, kv_type=spec.kv_type, args=spec.args)
+            self.kv = SlotPersistence(
+                self.client, model=spec.name, key=key, config=kv, slots=spec.parallel
+            )
+            self.api.before_send = self.kv.before_send
 
     @classmethod
     def estimate_options(
@@ -136,18 +170,23 @@ class LlamaServerRunner(Runner):
             parallel=parallel,
             kv_type=kv_type,
             embedding=cls.default_embedding if embedding is None else embedding,
+            # KV persistence runs it with --swa-full (a model opted out is overestimated a bit).
+            swa_full=defaults.current().kv.enabled,
         )
+
+    def binary(self) -> Path:
+        found = find_llama_server(self.spec.binary or defaults.current().llama_server)
+        if found is None:
+            raise ConfigError(
+                f"model {self.spec.name!r} uses runner 'llama-server', but none is configured, "
+                "on PATH or built (run `residency build-runner`, or set `llama_server`)"
+            )
+        return found
 
     def argv(self) -> list[str]:
         s = self.spec
-        binary = s.binary or shutil.which("llama-server")
-        if not binary:
-            raise ConfigError(
-                f"model {s.name!r} uses runner 'llama-server', but no llama-server is on PATH "
-                "(set `llama_server` in the config to its path)"
-            )
         argv = [
-            str(binary),
+            str(self.binary()),
             "--model",
             str(s.model_path),
             "--alias",
@@ -166,8 +205,37 @@ class LlamaServerRunner(Runner):
             s.kv_type,
             "--cache-type-v",
             s.kv_type,
+            # llama.cpp logs its buffer lines at "trace" (4): how the runner reports its memory.
+            "--verbosity",
+            "4",
         ]
-        # Older llama-servers serve only embeddings with --embeddings: off unless asked for.
+        if self.kv is not None:
+            self.kv.directory.mkdir(parents=True, exist_ok=True)
+            # A sliding-window cache keeps only the window: a restored slot would be reprocessed
+            # in full ("lack of cache data"). The full-size one is reusable.
+            argv += ["--slot-save-path", str(self.kv.directory), "--swa-full"]
         if self.embedding:
             argv.append("--embeddings")
+            if not _declares_pooling(s.model_path):
+                # A generative model pools nothing, and /v1/embeddings refuses unpooled output.
+                argv += ["--pooling", "mean"]
+        template = s.chat_format
+        if template is None and not s.details.get("has_chat_template", True):
+            template = _SERVER_TEMPLATES.get(str(s.details.get("family", "")))
+        if template:
+            # A llama.cpp built-in template by name (Jinja would read the name as a template).
+            argv += ["--no-jinja", "--chat-template", template]
         return argv + list(s.args)
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
+        if self.kv is not None:
+            # /slots then shows each slot's prompt text, which saved files are matched by.
+            env.setdefault("LLAMA_SERVER_SLOTS_DEBUG", "1")
+        return env
+
+    async def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Saves the slots (bounded by the KV settings' save_timeout_s), then stops."""
+        if self.kv is not None and not self.stopping and not self.exited and self.ready_at_s:
+            await self.kv.save_all()
+        return await super().stop(timeout_s)

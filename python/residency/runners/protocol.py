@@ -41,8 +41,9 @@ Event = tuple[dict[str, Any], int]
 """One streamed event's JSON payload and its arrival time (perf_counter ns)."""
 
 #: Called with (path, body) just before a request body is sent to the runner: the one place a
-#: runner kind can prepare itself for a request (e.g. restore a saved KV slot).
-BeforeSend = Callable[[str, Body], Awaitable[None]]
+#: runner kind can prepare itself for a request (e.g. restore a saved KV slot). It may return a
+#: body to send instead (e.g. pinned to the restored slot); None sends the body unchanged.
+BeforeSend = Callable[[str, Body], Awaitable[Body | None]]
 
 _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 _SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -127,7 +128,7 @@ class RunnerApi:
     async def complete(self, path: str, body: Body) -> bytes:
         """POSTs `body`; returns the runner's JSON answer's bytes, or raises."""
         if self.before_send is not None:
-            await self.before_send(path, body)
+            body = await self.before_send(path, body) or body
         try:
             resp = await self._client.post(path, _encoded(body), headers=_JSON_HEADERS)
         except TransportError as err:
@@ -143,7 +144,7 @@ class RunnerApi:
         gets a real HTTP error status to the client. The caller must ``aclose()`` the stream.
         """
         if self.before_send is not None:
-            await self.before_send(path, body)
+            body = await self.before_send(path, body) or body
         try:
             resp = await self._client.stream(
                 "POST", path, body=_encoded(body), headers=_SSE_HEADERS
