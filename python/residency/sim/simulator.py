@@ -20,6 +20,7 @@ import numpy as np
 
 from residency._core import Action, ActionKind, Device, Engine, LoadShape
 from residency.errors import ConfigError
+from residency.sim.page_cache import LruPageCache
 from residency.sim.trace import GB, Trace
 
 NS = 1_000_000_000
@@ -47,10 +48,21 @@ class SimConfig:
     max_models: int = 3
     #: Keep the engine's journal of actions (for differential tests).
     journal: bool = False
+    #: The host's page cache (the kernel's LRU) as a multiple of the GPU budget; 0: none, every
+    #: load reads from disk at the trace's load cost (the earlier, pessimistic baseline).
+    host_cache_x: float = 0.0
+    #: Reading a file from the page cache (GB/s; calibrate with benchmarks/bench_warm.py).
+    host_gb_per_s: float = 9.0
+    #: Starting the engine once the weights are read; None: the trace's own engine start.
+    engine_start_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.recovery_lag_s < 0 or self.parallel < 1 or self.max_models < 1:
             raise ConfigError("sim: need recovery_lag_s ≥ 0, parallel ≥ 1 and max_models ≥ 1")
+        if self.host_cache_x < 0 or self.host_gb_per_s <= 0:
+            raise ConfigError("sim: need host_cache_x ≥ 0 and host_gb_per_s > 0")
+        if self.engine_start_s is not None and self.engine_start_s < 0:
+            raise ConfigError("sim: engine_start_s must be ≥ 0")
         if self.starvation_s < 0:
             raise ConfigError("sim: starvation_s must be ≥ 0")
 
@@ -80,6 +92,8 @@ class SimResult:
     resident_gb_s: float
     #: Virtual seconds from the first arrival to the last completion.
     duration_s: float
+    #: Bytes loads read from the host's page cache instead of disk, in GB.
+    host_hit_gb: float = 0.0
     journal: tuple[str, ...] = ()
 
     def row(self) -> dict[str, float | int | str]:
@@ -139,8 +153,11 @@ class _Run:
         self.keep_alive = -1 if cfg.keep_alive_s < 0 else int(cfg.keep_alive_s * NS)
         self.served = self.rejected = self.cold = self.evictions = self.expirations = 0
         self.waited = 0
-        self.load_s = self.idle = self.resident = 0.0
+        self.load_s = self.idle = self.resident = self.host_hit = 0.0
         self.now = 0
+        self.cache = (
+            LruPageCache(int(trace.budget_bytes * cfg.host_cache_x)) if cfg.host_cache_x else None
+        )
 
     def push(self, t: int, kind: int, payload: int) -> None:
         self.seq += 1
@@ -216,13 +233,24 @@ class _Run:
         m = self.models[mi]
         self.cold += 1
         self.evictions += len(victims)
-        self.load_s += m.load_s
+        load_s = self.load_cost(m)
+        self.load_s += load_s
         self.resident_since[mi] = self.now
         self.load_started[mi] = self.now
         # As the server does: the runner starts once its victims have exited and their memory
         # is back (their Stop actions came first, so their gone times are known).
         begin = max([self.now, *(self.gone_at[v] for v in victims)])
-        self.push(begin + round(m.load_s * NS), _READY, mi)
+        self.push(begin + round(load_s * NS), _READY, mi)
+
+    def load_cost(self, m: _Model) -> float:
+        if self.cache is None:
+            return m.load_s
+        tc = self.trace.config
+        hit = self.cache.touch(m.key, m.bytes)
+        self.host_hit += hit / GB
+        start = tc.engine_start_s if self.cfg.engine_start_s is None else self.cfg.engine_start_s
+        read = hit / (self.cfg.host_gb_per_s * GB) + (m.bytes - hit) / (tc.disk_gb_per_s * GB)
+        return read + start
 
     def stop(self, mi: int, *, expired: bool) -> None:
         m = self.models[mi]
@@ -285,5 +313,6 @@ class _Run:
             idle_gb_s=self.idle,
             resident_gb_s=self.resident,
             duration_s=(end - (self.arrivals[0] if n else 0)) / NS,
+            host_hit_gb=self.host_hit,
             journal=tuple(self.engine.journal()),
         )
