@@ -44,7 +44,7 @@ async def _settle(cache: HostCache) -> None:
 
 async def test_prefetch_warms_and_displacement_drops(files: list[Path]) -> None:
     a, b, _ = files
-    cache = HostCache(budget_bytes=SIZE + SIZE // 2)  # room for one file
+    cache = HostCache(budget_bytes=SIZE + SIZE // 2, min_file_bytes=0)  # room for one file
     cache.waiting("a", a, 0)
     await _settle(cache)
     assert await cache.measure("a", 1) == SIZE  # warmed during the wait
@@ -62,7 +62,7 @@ async def test_prefetch_warms_and_displacement_drops(files: list[Path]) -> None:
 
 async def test_a_mapped_file_is_not_dropped_until_unmapped(files: list[Path]) -> None:
     a, b, _ = files
-    cache = HostCache(budget_bytes=SIZE + SIZE // 2)
+    cache = HostCache(budget_bytes=SIZE + SIZE // 2, min_file_bytes=0)
     for t in (0, 1):  # "a" is the valuable one
         cache.mapped("a", a, t)
         cache.loaded("a", t)
@@ -80,10 +80,19 @@ async def test_a_mapped_file_is_not_dropped_until_unmapped(files: list[Path]) ->
 
 async def test_a_waiting_warm_is_cancelled_by_the_load_itself(files: list[Path]) -> None:
     a, b, _ = files
-    cache = HostCache(budget_bytes=4 * SIZE)
+    cache = HostCache(budget_bytes=4 * SIZE, min_file_bytes=0)
     cache.waiting("a", a, 0)
     cache.waiting("b", b, 0)  # queued behind "a" for the disk
     cache.mapped("b", b, 1)  # its runner starts: the prefetch would only compete
     await _settle(cache)
     assert pagecache.resident_bytes(b) <= SIZE // 20
+    await cache.aclose()
+
+
+async def test_small_files_are_left_to_the_kernel(files: list[Path]) -> None:
+    a = files[0]
+    cache = HostCache(budget_bytes=4 * SIZE, min_file_bytes=SIZE + 1)
+    cache.waiting("a", a, 0)
+    assert not cache._tasks  # no I/O started
+    assert pagecache.resident_bytes(a) <= SIZE // 20
     await cache.aclose()

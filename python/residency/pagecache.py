@@ -33,6 +33,7 @@ _libc.mmap.argtypes = [
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_LOW_BIT = bytes(b & 1 for b in range(256))
 
 
 def resident_bytes(path: Path | str) -> int:
@@ -52,7 +53,8 @@ def resident_bytes(path: Path | str) -> int:
             if _libc.mincore(addr, size, vec) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"mincore {path}: {os.strerror(err)}")
-            resident = sum(b & 1 for b in bytes(vec))
+            # Only the low bit means resident; count it at C speed (millions of pages).
+            resident = pages - bytes(vec).translate(_LOW_BIT).count(0)
         finally:
             _libc.munmap(addr, size)
     finally:

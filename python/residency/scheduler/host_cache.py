@@ -19,19 +19,25 @@ from typing import Any
 from residency import pagecache
 from residency._core import HostAction, HostActionKind, HostTier
 
-__all__ = ["HostCache"]
+__all__ = ["HostCache", "make_host_cache"]
 
 log = logging.getLogger("residency.scheduler")
 NS = 1_000_000_000
+#: Files smaller than this are left to the kernel: they read in milliseconds either way.
+MIN_FILE = 64 << 20
 
 
 class HostCache:
     """One host's page cache for model files: the core's tier plus the I/O that carries it out."""
 
-    def __init__(self, budget_bytes: int, half_life_s: float = 3600.0) -> None:
+    def __init__(
+        self, budget_bytes: int, half_life_s: float = 3600.0, *, min_file_bytes: int = MIN_FILE
+    ) -> None:
         self.tier = HostTier(budget_bytes, round(half_life_s * NS))
+        self.min_file_bytes = min_file_bytes
         self._paths: dict[str, Path] = {}
-        self._mapped: dict[str, int] = {}  # key → runners mapping its file now
+        #: Runners mapping each file now, by path: two entries may share one file.
+        self._mapped: dict[Path, int] = {}
         self._warming: dict[str, threading.Event] = {}  # key → its warm's cancel flag
         self._io = asyncio.Semaphore(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -45,7 +51,7 @@ class HostCache:
     def mapped(self, key: str, path: Path, now_ns: int) -> None:
         """A runner starts on ``key``'s file (it maps it until it exits)."""
         self._paths[key] = path
-        self._mapped[key] = self._mapped.get(key, 0) + 1
+        self._mapped[path] = self._mapped.get(path, 0) + 1
         self._cancel(key)  # the runner reads it now; a prefetch would only compete
         self._run(self.tier.mapped(key, True, now_ns))
 
@@ -57,11 +63,14 @@ class HostCache:
 
     def unmapped(self, key: str, now_ns: int) -> None:
         """A runner of ``key`` exited."""
-        left = self._mapped.get(key, 0) - 1
-        if left > 0:
-            self._mapped[key] = left
+        path = self._paths.get(key)
+        if path is None or path not in self._mapped:
             return
-        self._mapped.pop(key, None)
+        left = self._mapped[path] - 1
+        if left > 0:
+            self._mapped[path] = left
+        else:
+            del self._mapped[path]
         self._run(self.tier.mapped(key, False, now_ns))
 
     # ---- facts --------------------------------------------------------------------------------
@@ -78,6 +87,16 @@ class HostCache:
         self._run(self.tier.measured(key, warm, now_ns))
         return warm
 
+    def warm_bytes(self, key: str) -> int | None:
+        """Bytes of ``key``'s file in RAM now (mincore; a few ms for a large file)."""
+        path = self._paths.get(key)
+        if path is None:
+            return None
+        try:
+            return pagecache.resident_bytes(path)
+        except OSError:
+            return None
+
     async def aclose(self) -> None:
         for key in list(self._warming):
             self._cancel(key)
@@ -88,7 +107,7 @@ class HostCache:
     def _run(self, actions: list[HostAction]) -> None:
         for a in actions:
             path = self._paths.get(a.key)
-            if path is None:
+            if path is None or a.bytes < self.min_file_bytes:
                 continue
             if a.kind == HostActionKind.WARM:
                 if a.key not in self._warming:
@@ -96,7 +115,7 @@ class HostCache:
                     # it had its turn at the disk.
                     self._warming[a.key] = threading.Event()
                     self._spawn(self._warm(a.key, path, self._warming[a.key]))
-            elif self._mapped.get(a.key, 0) == 0:  # never drop what a runner maps
+            elif path not in self._mapped:  # never drop what a runner maps (any entry's)
                 self._cancel(a.key)
                 self._spawn(self._drop(path))
 
@@ -131,3 +150,21 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def make_host_cache(budget_bytes: int | None, half_life_s: float) -> HostCache | None:
+    """The configured host cache: ``budget_bytes`` None is half the RAM available now, 0 none."""
+    if budget_bytes is None:
+        budget_bytes = _available_ram() // 2
+    return HostCache(budget_bytes, half_life_s) if budget_bytes > 0 else None
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
