@@ -1,16 +1,24 @@
-"""Queue disciplines compared by replaying traces through the one scheduling engine.
+"""Residency's defaults against the honest baseline: Ollama's queue and eviction plus the kernel's
+page cache, replayed through the one scheduling engine.
 
 Every scenario's trace goes through the engine the server runs (``residency.Engine``, driven by the
-simulator on a virtual clock) twice, side by side: the baseline is Ollama as it behaves —
-``queue=ollama`` (loaded models on a fast path, loads strictly FIFO and one at a time) with
-``policy=ollama`` eviction — and the candidate is residency's default (``queue=affinity``, same
-eviction policy), so the difference is the queue discipline alone.
+simulator on a virtual clock) twice, side by side. The baseline is Ollama as it really behaves on
+Linux: ``queue=ollama`` (loaded models on a fast path, loads strictly FIFO, one at a time),
+``policy=ollama`` eviction, and a kernel-LRU page cache of the host budget (llama.cpp maps model
+files, so recently loaded files reload from RAM). The candidate is residency's default: the
+affinity queue, the same eviction policy, and the core's managed host tier (``HostTier``: which
+files stay warm by decayed frequency, with admission, and prefetch while a load waits).
+
+A load costs ``cached ÷ host bandwidth + uncached ÷ disk bandwidth + engine start``; host bandwidth
+and the measured engine start come from ``benchmarks/bench_warm.py`` on this machine (a CPU runner:
+its start is mostly the Python server's import; on a GPU machine add the CUDA context and the
+upload at PCIe speed, ≈ 1–3 s). Configurations: disk 2 and 7 GB/s × host budget 2× and 3× the GPU
+budget × engine start as measured and 2 s.
 
 Scenarios: popularity α ∈ {0.7, 1.3} × inter-arrival CV ∈ {1, 4} (12 models, 1.5–65 GB, budget a
-quarter of their total, 20,000 requests, Ollama's defaults: 5 min keep-alive, 3 models per device),
-plus three of our own: on/off phases straddling the keep-alive, heavy traffic, and few large models.
-Per scenario: load-seconds, TTFT (queueing + loading + waiting for a slot) p50/p99/max, idle and
-resident GB·s, evictions. Ratios are candidate ÷ baseline.
+quarter of their total, Ollama's defaults: 5 min keep-alive, 3 models per device), plus three of
+our own: on/off phases straddling the keep-alive, heavy traffic, and few large models. Ratios are
+candidate ÷ baseline; the targets are the issue's, and ``targets_met`` says whether all are met.
 
 Run: ``python benchmarks/bench_policies.py [--quick] [--policy gdsf]``. The last line is JSON.
 """
@@ -18,7 +26,9 @@ Run: ``python benchmarks/bench_policies.py [--quick] [--policy gdsf]``. The last
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import sys
 import time
 from typing import Any
@@ -46,20 +56,43 @@ SCENARIOS: list[tuple[str, dict[str, Any]]] = [
     ("few large", {"alpha": 1.0, "cv": 1.0, "n_models": 6, "min_gb": 10.0}),
 ]
 
+#: From ``python benchmarks/bench_warm.py --iterations 3`` on the 2-core dev machine (median).
+MEASURED_HOST_GB_PER_S = 5.1
+MEASURED_ENGINE_START_S = 4.24
+DISKS = (2.0, 7.0)
+HOST_X = (2.0, 3.0)
+
+#: The issue's targets: every scenario and configuration ("…_max"), geometric means per disk.
 TARGETS = {
-    "load_seconds_ratio_max": 1.01,
-    "ttft_max_ratio_max": 1.0,
-    "ttft_p99_ratio_max": 1.0,
-    "ttft_p99_ratio_min": 0.5,
+    "ttft_mean_ratio_max": 0.95,
+    "ttft_p99_ratio_max": 0.95,
+    "ttft_max_ratio_max": 1.05,
+    "load_seconds_ratio_max": 1.05,
+    "resident_gbs_ratio_max": 1.0,
+    "ttft_mean_ratio_geomean_2gbps": 0.75,
+    "ttft_p99_ratio_geomean_2gbps": 0.65,
+    "ttft_mean_ratio_geomean_7gbps": 0.80,
+    "ttft_p99_ratio_geomean_7gbps": 0.70,
+}
+RATIOS = {
+    "ttft_mean": "ttft_mean_s",
+    "ttft_p99": "ttft_p99_s",
+    "ttft_max": "ttft_max_s",
+    "load_seconds": "load_seconds",
+    "resident_gbs": "resident_gb_s",
 }
 
 
 def row(name: str, label: str, r: SimResult) -> str:
     return (
-        f"{name:<13}{label:<17}{r.cold_loads:>7}{r.load_seconds:>10.0f}{r.ttft_p50_s:>8.1f}"
-        f"{r.ttft_p99_s:>8.1f}{r.ttft_max_s:>9.1f}{r.idle_gb_s / 1e3:>10.0f}"
-        f"{r.resident_gb_s / 1e3:>10.0f}{r.evictions:>7}"
+        f"{name:<13}{label:<22}{r.cold_loads:>7}{r.load_seconds:>9.0f}{r.ttft_mean_s:>8.1f}"
+        f"{r.ttft_p99_s:>8.1f}{r.ttft_max_s:>8.1f}{r.resident_gb_s / 1e3:>9.0f}"
+        f"{r.host_hit_gb / 1e3:>8.1f}"
     )
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,61 +100,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_REQUESTS} requests each")
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--policy", default="ollama", help="the candidate's eviction policy")
+    parser.add_argument("--host-gbps", type=float, default=MEASURED_HOST_GB_PER_S)
+    parser.add_argument("--engine-start", type=float, default=MEASURED_ENGINE_START_S)
     args = parser.parse_args(argv)
     if args.policy not in policy_names():
         parser.error(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
     n = args.requests or (QUICK_REQUESTS if args.quick else N_REQUESTS)
-    baseline_cfg = SimConfig(policy="ollama", queue="ollama")
-    candidate_cfg = SimConfig(policy=args.policy, queue="affinity")
     started = time.perf_counter()
     print(
-        f"{'scenario':<13}{'queue+policy':<17}{'loads':>7}{'load s':>10}{'p50 s':>8}{'p99 s':>8}"
-        f"{'max s':>9}{'idle TB·s':>10}{'res TB·s':>10}{'evict':>7}"
+        f"{'scenario':<13}{'config':<22}{'loads':>7}{'load s':>9}{'mean s':>8}{'p99 s':>8}"
+        f"{'max s':>8}{'res TB·s':>9}{'hit TB':>8}"
     )
-    summary = []
-    for seed, (name, overrides) in enumerate(SCENARIOS):
-        params = {"total_rate": TOTAL_RATE, **overrides}
-        trace = make_trace(TraceConfig(n_requests=n, seed=seed, **params))
-        base = simulate(trace, baseline_cfg)
-        cand = simulate(trace, candidate_cfg)
-        for r in (base, cand):
-            # Every request is accounted for: served or refused, none lost in the replay.
-            assert r.served + r.rejected == r.requests == len(trace), r
-        print(row(name, "ollama+ollama", base))
-        print(row(name, f"affinity+{args.policy}", cand))
-        summary.append(
-            {
-                "scenario": name,
-                "load_seconds_ratio": cand.load_seconds / base.load_seconds,
-                "ttft_p50_ratio": cand.ttft_p50_s / base.ttft_p50_s,
-                "ttft_p99_ratio": cand.ttft_p99_s / base.ttft_p99_s,
-                "ttft_max_ratio": cand.ttft_max_s / base.ttft_max_s,
-                "idle_gbs_ratio": cand.idle_gb_s / base.idle_gb_s,
-                "evictions": [base.evictions, cand.evictions],
-            }
+    summary: list[dict[str, Any]] = []
+    for disk, host_x, start in itertools.product(DISKS, HOST_X, (args.engine_start, 2.0)):
+        config = f"disk {disk:g} GB/s, host {host_x:g}x, start {start:g} s"
+        print(f"-- {config}")
+        common = {"host_cache_x": host_x, "host_gb_per_s": args.host_gbps, "engine_start_s": start}
+        baseline_cfg = SimConfig(policy="ollama", queue="ollama", host_tier="lru", **common)
+        candidate_cfg = SimConfig(
+            policy=args.policy, queue="affinity", host_tier="managed", **common
         )
+        for seed, (name, overrides) in enumerate(SCENARIOS):
+            params = {"total_rate": TOTAL_RATE, "disk_gb_per_s": disk, **overrides}
+            trace = make_trace(TraceConfig(n_requests=n, seed=seed, **params))
+            base = simulate(trace, baseline_cfg)
+            cand = simulate(trace, candidate_cfg)
+            for r in (base, cand):
+                # Every request is accounted for: served or refused, none lost in the replay.
+                assert r.served + r.rejected == r.requests == len(trace), r
+            print(row(name, "ollama+lru", base))
+            print(row(name, f"affinity+{args.policy}+tier", cand))
+            entry: dict[str, Any] = {"scenario": name, "config": config, "disk": disk}
+            for key, field in RATIOS.items():
+                entry[key] = getattr(cand, field) / getattr(base, field)
+            summary.append(entry)
     elapsed = time.perf_counter() - started
-    print(f"\n{'scenario':<13}{'load s ×':>10}{'p50 ×':>8}{'p99 ×':>8}{'max ×':>8}{'idle ×':>8}")
-    for s in summary:
-        print(
-            f"{s['scenario']:<13}{s['load_seconds_ratio']:>10.3f}{s['ttft_p50_ratio']:>8.3f}"
-            f"{s['ttft_p99_ratio']:>8.3f}{s['ttft_max_ratio']:>8.3f}{s['idle_gbs_ratio']:>8.3f}"
-        )
+    print(f"\n{'scenario':<13}{'config':<34}" + "".join(f"{k + ' ×':>15}" for k in RATIOS))
+    for e in summary:
+        flags = "".join(f"{e[k]:>15.3f}" for k in RATIOS)
+        print(f"{e['scenario']:<13}{e['config']:<34}{flags}")
     result: dict[str, Any] = {
-        "scenarios": len(summary),
-        "load_seconds_ratio_max": round(max(s["load_seconds_ratio"] for s in summary), 4),
-        "ttft_p99_ratio_max": round(max(s["ttft_p99_ratio"] for s in summary), 4),
-        "ttft_p99_ratio_min": round(min(s["ttft_p99_ratio"] for s in summary), 4),
-        "ttft_max_ratio_max": round(max(s["ttft_max_ratio"] for s in summary), 4),
-        "requests_per_scenario": n,
-        "candidate": f"affinity+{args.policy}",
+        "configs": len(DISKS) * len(HOST_X) * 2,
+        "scenarios": len(SCENARIOS),
     }
-    result["targets_met"] = (
-        result["load_seconds_ratio_max"] <= TARGETS["load_seconds_ratio_max"]
-        and result["ttft_max_ratio_max"] <= TARGETS["ttft_max_ratio_max"]
-        and result["ttft_p99_ratio_max"] <= TARGETS["ttft_p99_ratio_max"]
-        and result["ttft_p99_ratio_min"] <= TARGETS["ttft_p99_ratio_min"]
-    )
+    for key in RATIOS:
+        result[f"{key}_ratio_max"] = round(max(e[key] for e in summary), 4)
+    for disk in DISKS:
+        tag = f"{disk:g}gbps"
+        for key in ("ttft_mean", "ttft_p99"):
+            xs = [e[key] for e in summary if e["disk"] == disk]
+            result[f"{key}_ratio_geomean_{tag}"] = round(geomean(xs), 4)
+    # Where residency does not beat the baseline, by name: the honest part of the table.
+    result["not_met"] = sorted(k for k, limit in TARGETS.items() if result[k] > limit)
+    result["targets_met"] = not result["not_met"]
+    result["requests_per_scenario"] = n
+    result["candidate"] = f"affinity+{args.policy}+managed host tier"
     result["elapsed_s"] = round(elapsed, 1)
     print(f"elapsed {elapsed:.1f} s")
     print(json.dumps(result))

@@ -84,6 +84,7 @@ class FakeResident:
     expires_at: datetime | None = None
     context_length: int = 2048
     refcount: int = 0
+    warm_bytes: int | None = 200_000_000
 
 
 @dataclass

@@ -322,6 +322,7 @@ async def test_ps_shows_ollama_fields_and_residency_accounting() -> None:
         assert m["name"] == m["model"] == MODEL
         assert m["size"] == 500_000_000
         assert m["size_vram"] == 500_000_000
+        assert m["warm_bytes"] == 200_000_000
         assert m["context_length"] == 2048
         assert m["digest"] == "ab" * 32
         assert m["details"] == {

@@ -250,6 +250,8 @@ def test_raw_ps_fields(server: Server) -> None:
     assert m["state"] == "ready"
     assert m["refcount"] == 0
     assert m["measured_bytes"] is None or m["measured_bytes"] > 100_000_000
+    # The runner read its GGUF (≈ 250 MB) through the page cache, and the scheduler keeps it warm.
+    assert m["warm_bytes"] > 100_000_000
     expires = datetime.fromisoformat(m["expires_at"].replace("Z", "+00:00"))
     assert timedelta(minutes=4) < expires - datetime.now(timezone.utc) <= timedelta(minutes=5)
 

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m, pybind11::mod_gil_not_used()) {
   residency::bindings::register_probes(m);
   residency::bindings::register_watcher(m);
   residency::bindings::register_engine(m);
+  residency::bindings::register_host_tier(m);
 }

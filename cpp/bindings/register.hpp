@@ -10,5 +10,6 @@ void register_resident_set(pybind11::module_& m);
 void register_probes(pybind11::module_& m);
 void register_watcher(pybind11::module_& m);
 void register_engine(pybind11::module_& m);
+void register_host_tier(pybind11::module_& m);
 
 }  // namespace residency::bindings

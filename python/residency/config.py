@@ -162,6 +162,11 @@ class Settings(BaseSettings):
     #: The same deadline for an idle runner evicted to make room for a waiting load; 0 = SIGKILL
     #: at once (an idle inference server has nothing to save, and the load is waiting).
     evict_grace_s: float = Field(default=0.0, ge=0)
+    #: Host page cache for model files (issue 17): bytes the scheduler keeps warm in RAM, deciding
+    #: which files by use frequency and prefetching a waiting load's file; None: half the RAM
+    #: available at start-up; 0: leave the page cache to the kernel. Half-life of past uses.
+    host_cache_bytes: int | None = Field(default=None, ge=0)
+    host_cache_half_life_s: float = Field(default=3600.0, gt=0)
     policy: str = "ollama"
     #: Queue discipline: "affinity" (requests for a ready or loading model never wait behind other
     #: loads; loads start oldest request first) or "ollama" (Ollama's FIFO, one load at a time).

@@ -289,6 +289,8 @@ async def ps(state: State) -> Response:
                 "estimated_bytes": r.estimated_bytes,
                 "measured_bytes": r.measured_bytes,
                 "refcount": r.refcount,
+                # Bytes of its model file in the host's page cache now (mincore); None: unknown.
+                "warm_bytes": r.warm_bytes,
             }
         )
     # residency's addition: KV slots saved before runners stopped and restored after, by model.

@@ -45,6 +45,7 @@ from residency.scheduler.executor import (
     copy_error,
     default_runner,
 )
+from residency.scheduler.host_cache import make_host_cache
 from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
 from residency.scheduler.requests import PendingRequest, shape_of
 from residency.scheduler.rows import device_usage, resident_rows
@@ -125,6 +126,7 @@ class Scheduler:
             events=self,
             tasks=self._tasks,
             metrics=self.metrics,
+            host_cache=make_host_cache(s.host_cache_bytes, s.host_cache_half_life_s),
         )
         for entry in self._registry.entries():
             self._sizing.keep_alive(entry)  # parsed once, at start-up

@@ -24,6 +24,7 @@ from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry
 from residency.runners import LaunchSpec, Runner, runner_class
 from residency.scheduler.clock import Clock
+from residency.scheduler.host_cache import HostCache
 from residency.scheduler.lease import LoadOptions
 from residency.scheduler.sizing import gib
 from residency.watcher import RecoveryOutcome, Watcher
@@ -110,6 +111,7 @@ class Executor:
         events: Events,
         tasks: Tasks,
         metrics: ResidencyMetrics,
+        host_cache: HostCache | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
@@ -120,6 +122,8 @@ class Executor:
         self._events = events
         self._tasks = tasks
         self._metrics = metrics
+        #: The model files' page cache (None: left to the kernel).
+        self.host_cache = host_cache
         #: Models loading or ready (one runner per model key at a time: the engine's guarantee).
         self.instances: dict[str, Instance] = {}
         #: Runners being stopped, until they have exited.
@@ -193,6 +197,9 @@ class Executor:
                 and free_before >= needed
                 and not self._other_load_in_flight(inst)
             )
+            host = self.host_cache
+            if host is not None and stops and not overlap:  # prefetch while the victims drain
+                host.waiting(inst.key, inst.entry.path, self._clock.now_ns())
             if not overlap:
                 await asyncio.shield(asyncio.gather(*stops))
             phases.append(time.monotonic())
@@ -201,6 +208,8 @@ class Executor:
             phases.append(time.monotonic())
             runner = self._make_runner(inst)
             inst.runner = runner
+            if host is not None:
+                host.mapped(inst.key, inst.entry.path, self._clock.now_ns())
             free_at_spawn = None if overlap else self.free(inst.device_index)
             await runner.start()
             await runner.wait_ready(self.settings.load_timeout_s())
@@ -223,6 +232,8 @@ class Executor:
                 gib(needed),
             )
             inst.ready.set()
+            if host is not None:
+                host.loaded(inst.key, self._clock.now_ns())
             self._metrics.loaded(inst.key, load_s)
             self._events.runner_ready(inst, load_s, measured)
         except BaseException as err:
@@ -256,6 +267,8 @@ class Executor:
         finally:
             if self.stopping.get(inst.key, (None,))[0] is inst:
                 del self.stopping[inst.key]
+            if self.host_cache is not None and inst.runner is not None:
+                self.host_cache.unmapped(inst.key, self._clock.now_ns())
             if report:
                 self._events.runner_gone(inst.key)
             if not inst.ready.is_set():  # stopped while loading: its waiters fail now
@@ -288,6 +301,8 @@ class Executor:
             *(i.runner.stop(self.settings.stop_timeout_s) for i in instances if i.runner),
             return_exceptions=True,
         )
+        if self.host_cache is not None:
+            await self.host_cache.aclose()
 
     # ---- memory --------------------------------------------------------------------------------
     async def _await_memory(

@@ -96,3 +96,5 @@ class ResidentModel:
     expires_at: datetime | None
     context_length: int
     refcount: int
+    #: Bytes of its model file in the host's page cache now (mincore); None: not measured.
+    warm_bytes: int | None = None

@@ -37,6 +37,9 @@ def resident_rows(engine: Engine, executor: Executor, now_ns: int) -> list[Resid
                 else wall + timedelta(microseconds=(expires - now_ns) / 1000),
                 context_length=inst.options.ctx,
                 refcount=r.refcount,
+                warm_bytes=None
+                if executor.host_cache is None
+                else executor.host_cache.warm_bytes(r.key),
             )
         )
     return rows

@@ -8,10 +8,12 @@ eviction policies can be compared by measurement.
 
 from __future__ import annotations
 
+from residency.sim.page_cache import LruPageCache
 from residency.sim.simulator import SimConfig, SimResult, simulate
 from residency.sim.trace import ModelSpec, Trace, TraceConfig, make_trace
 
 __all__ = [
+    "LruPageCache",
     "ModelSpec",
     "SimConfig",
     "SimResult",

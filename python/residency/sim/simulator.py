@@ -20,6 +20,7 @@ import numpy as np
 
 from residency._core import Action, ActionKind, Device, Engine, LoadShape
 from residency.errors import ConfigError
+from residency.sim.host import HostCache, ManagedHost
 from residency.sim.trace import GB, Trace
 
 NS = 1_000_000_000
@@ -47,10 +48,28 @@ class SimConfig:
     max_models: int = 3
     #: Keep the engine's journal of actions (for differential tests).
     journal: bool = False
+    #: The host's page cache (the kernel's LRU) as a multiple of the GPU budget; 0: none, every
+    #: load reads from disk at the trace's load cost (the earlier, pessimistic baseline).
+    host_cache_x: float = 0.0
+    #: Reading a file from the page cache (GB/s; calibrate with benchmarks/bench_warm.py).
+    host_gb_per_s: float = 9.0
+    #: Starting the engine once the weights are read; None: the trace's own engine start.
+    engine_start_s: float | None = None
+    #: Who decides what stays in the page cache: "lru" (the kernel) or "managed" (the core's
+    #: HostTier, with prefetch while loads wait).
+    host_tier: str = "lru"
+    #: The managed tier's half-life of past uses.
+    host_half_life_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.recovery_lag_s < 0 or self.parallel < 1 or self.max_models < 1:
             raise ConfigError("sim: need recovery_lag_s ≥ 0, parallel ≥ 1 and max_models ≥ 1")
+        if self.host_cache_x < 0 or self.host_gb_per_s <= 0:
+            raise ConfigError("sim: need host_cache_x ≥ 0 and host_gb_per_s > 0")
+        if self.engine_start_s is not None and self.engine_start_s < 0:
+            raise ConfigError("sim: engine_start_s must be ≥ 0")
+        if self.host_tier not in ("lru", "managed") or self.host_half_life_s <= 0:
+            raise ConfigError("sim: host_tier is 'lru' or 'managed', host_half_life_s > 0")
         if self.starvation_s < 0:
             raise ConfigError("sim: starvation_s must be ≥ 0")
 
@@ -80,6 +99,8 @@ class SimResult:
     resident_gb_s: float
     #: Virtual seconds from the first arrival to the last completion.
     duration_s: float
+    #: Bytes loads read from the host's page cache instead of disk, in GB.
+    host_hit_gb: float = 0.0
     journal: tuple[str, ...] = ()
 
     def row(self) -> dict[str, float | int | str]:
@@ -141,6 +162,7 @@ class _Run:
         self.waited = 0
         self.load_s = self.idle = self.resident = 0.0
         self.now = 0
+        self.host = _host(trace, cfg)
 
     def push(self, t: int, kind: int, payload: int) -> None:
         self.seq += 1
@@ -160,6 +182,8 @@ class _Run:
                 actions = engine.arrive(rid, m.key, SHAPE, m.bytes, self.keep_alive, now)
                 if not any(a.kind == ActionKind.GRANT and a.request == rid for a in actions):
                     self.waited += 1
+                    if self.host is not None and not any(a.key == m.key for a in actions):
+                        self.host.waiting(m.key, m.bytes, now)
             elif kind == _SERVED:
                 m = self.models[self.which[p]]
                 m.busy -= 1
@@ -178,6 +202,8 @@ class _Run:
                     m.idle_since = now
                 # As the server measures it: from the Load action to ready (victims' stop included).
                 load_s = (now - self.load_started.pop(p)) / NS
+                if self.host is not None:
+                    self.host.ready(m.key, now)
                 actions = engine.ready(m.key, now, load_s)
                 self.begin_service(m)
             elif kind == _GONE:
@@ -216,13 +242,19 @@ class _Run:
         m = self.models[mi]
         self.cold += 1
         self.evictions += len(victims)
-        self.load_s += m.load_s
         self.resident_since[mi] = self.now
         self.load_started[mi] = self.now
         # As the server does: the runner starts once its victims have exited and their memory
         # is back (their Stop actions came first, so their gone times are known).
         begin = max([self.now, *(self.gone_at[v] for v in victims)])
-        self.push(begin + round(m.load_s * NS), _READY, mi)
+        load_s = m.load_s
+        if self.host is not None:
+            start = self.cfg.engine_start_s
+            load_s = self.host.read_seconds(m.key, m.bytes, self.now, begin) + (
+                self.trace.config.engine_start_s if start is None else start
+            )
+        self.load_s += load_s
+        self.push(begin + round(load_s * NS), _READY, mi)
 
     def stop(self, mi: int, *, expired: bool) -> None:
         m = self.models[mi]
@@ -285,5 +317,16 @@ class _Run:
             idle_gb_s=self.idle,
             resident_gb_s=self.resident,
             duration_s=(end - (self.arrivals[0] if n else 0)) / NS,
+            host_hit_gb=self.host.hit_bytes / GB if self.host is not None else 0.0,
             journal=tuple(self.engine.journal()),
         )
+
+
+def _host(trace: Trace, cfg: SimConfig) -> HostCache | None:
+    if not cfg.host_cache_x:
+        return None
+    budget = int(trace.budget_bytes * cfg.host_cache_x)
+    disk = trace.config.disk_gb_per_s
+    if cfg.host_tier == "managed":
+        return ManagedHost(budget, cfg.host_gb_per_s, disk, cfg.host_half_life_s)
+    return HostCache(budget, cfg.host_gb_per_s, disk)

@@ -1,0 +1,170 @@
+"""Carries out the core's host-tier decisions on the real page cache: warm, drop, measure.
+
+The core's :class:`residency.HostTier` decides which model files stay warm in RAM; this executes
+its actions with the kernel's own interfaces (:mod:`residency.pagecache`) and feeds it facts. All
+file I/O runs in threads, off the event loop; at most one warm reads at a time (the disk is shared
+with the loads themselves) and each can be cancelled between chunks. A file a runner maps is never
+dropped: the tier knows which files are mapped, and this re-checks before every drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from residency import pagecache
+from residency._core import HostAction, HostActionKind, HostTier
+
+__all__ = ["HostCache", "make_host_cache"]
+
+log = logging.getLogger("residency.scheduler")
+NS = 1_000_000_000
+#: Files smaller than this are left to the kernel: they read in milliseconds either way.
+MIN_FILE = 64 << 20
+
+
+class HostCache:
+    """One host's page cache for model files: the core's tier plus the I/O that carries it out."""
+
+    def __init__(
+        self, budget_bytes: int, half_life_s: float = 3600.0, *, min_file_bytes: int = MIN_FILE
+    ) -> None:
+        self.tier = HostTier(budget_bytes, round(half_life_s * NS))
+        self.min_file_bytes = min_file_bytes
+        self._paths: dict[str, Path] = {}
+        #: Runners mapping each file now, by path: two entries may share one file.
+        self._mapped: dict[Path, int] = {}
+        self._warming: dict[str, threading.Event] = {}  # key → its warm's cancel flag
+        self._io = asyncio.Semaphore(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- events from the executor (each returns at once; the I/O runs in the background) ------
+    def waiting(self, key: str, path: Path, now_ns: int) -> None:
+        """A load of ``key`` must wait (victims draining, a queue): prefetch it if admitted."""
+        self._paths[key] = path
+        self._run(self.tier.waiting(key, _size(path), now_ns))
+
+    def mapped(self, key: str, path: Path, now_ns: int) -> None:
+        """A runner starts on ``key``'s file (it maps it until it exits)."""
+        self._paths[key] = path
+        self._mapped[path] = self._mapped.get(path, 0) + 1
+        self._cancel(key)  # the runner reads it now; a prefetch would only compete
+        self._run(self.tier.mapped(key, True, now_ns))
+
+    def loaded(self, key: str, now_ns: int) -> None:
+        """The runner of ``key`` is ready: it read the whole file."""
+        path = self._paths.get(key)
+        if path is not None:
+            self._run(self.tier.loaded(key, _size(path), now_ns))
+
+    def unmapped(self, key: str, now_ns: int) -> None:
+        """A runner of ``key`` exited."""
+        path = self._paths.get(key)
+        if path is None or path not in self._mapped:
+            return
+        left = self._mapped[path] - 1
+        if left > 0:
+            self._mapped[path] = left
+        else:
+            del self._mapped[path]
+        self._run(self.tier.mapped(key, False, now_ns))
+
+    # ---- facts --------------------------------------------------------------------------------
+    async def measure(self, key: str, now_ns: int) -> int | None:
+        """Bytes of ``key``'s file in RAM now, as mincore sees it (None: file unknown)."""
+        path = self._paths.get(key)
+        if path is None:
+            return None
+        try:
+            warm = await asyncio.to_thread(pagecache.resident_bytes, path)
+        except OSError as err:
+            log.warning("page cache: cannot measure %s: %s", path, err)
+            return None
+        self._run(self.tier.measured(key, warm, now_ns))
+        return warm
+
+    def warm_bytes(self, key: str) -> int | None:
+        """Bytes of ``key``'s file in RAM now (mincore; a few ms for a large file)."""
+        path = self._paths.get(key)
+        if path is None:
+            return None
+        try:
+            return pagecache.resident_bytes(path)
+        except OSError:
+            return None
+
+    async def aclose(self) -> None:
+        for key in list(self._warming):
+            self._cancel(key)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- carrying out -------------------------------------------------------------------------
+    def _run(self, actions: list[HostAction]) -> None:
+        for a in actions:
+            path = self._paths.get(a.key)
+            if path is None or a.bytes < self.min_file_bytes:
+                continue
+            if a.kind == HostActionKind.WARM:
+                if a.key not in self._warming:
+                    # Registered now, so that the load that follows can cancel it even before
+                    # it had its turn at the disk.
+                    self._warming[a.key] = threading.Event()
+                    self._spawn(self._warm(a.key, path, self._warming[a.key]))
+            elif path not in self._mapped:  # never drop what a runner maps (any entry's)
+                self._cancel(a.key)
+                self._spawn(self._drop(path))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _warm(self, key: str, path: Path, cancel: threading.Event) -> None:
+        try:
+            async with self._io:
+                await asyncio.to_thread(pagecache.warm, path, cancelled=cancel)
+        except OSError as err:
+            log.warning("page cache: cannot warm %s: %s", path, err)
+        finally:
+            self._warming.pop(key, None)
+
+    async def _drop(self, path: Path) -> None:
+        try:
+            await asyncio.to_thread(pagecache.drop, path)
+        except OSError as err:
+            log.warning("page cache: cannot drop %s: %s", path, err)
+
+    def _cancel(self, key: str) -> None:
+        cancel = self._warming.get(key)
+        if cancel is not None:
+            cancel.set()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def make_host_cache(budget_bytes: int | None, half_life_s: float) -> HostCache | None:
+    """The configured host cache: ``budget_bytes`` None is half the RAM available now, 0 none."""
+    if budget_bytes is None:
+        budget_bytes = _available_ram() // 2
+    return HostCache(budget_bytes, half_life_s) if budget_bytes > 0 else None
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0

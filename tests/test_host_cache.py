@@ -1,0 +1,98 @@
+"""The scheduler's host cache carries out the core's tier on real files: a prefetch warms (as
+mincore sees), a drop empties, a mapped file is never dropped, a pending warm can be cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from residency import pagecache
+from residency.embedded import cache_dir
+from residency.scheduler.host_cache import HostCache
+
+pytestmark = pytest.mark.timeout(60)
+SIZE = 8 << 20
+
+
+def _write(path: Path) -> Path:
+    with path.open("wb") as f:
+        f.write(os.urandom(SIZE))
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages cannot be dropped
+    pagecache.drop(path)
+    return path
+
+
+@pytest.fixture
+def files() -> Iterator[list[Path]]:
+    folder = cache_dir() / "test-host-cache"  # a disk: tmpfs pages can never be dropped
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [_write(folder / f"{os.getpid()}-{i}.bin") for i in range(3)]
+    yield paths
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+async def _settle(cache: HostCache) -> None:
+    while cache._tasks:
+        await asyncio.gather(*list(cache._tasks))
+
+
+async def test_prefetch_warms_and_displacement_drops(files: list[Path]) -> None:
+    a, b, _ = files
+    cache = HostCache(budget_bytes=SIZE + SIZE // 2, min_file_bytes=0)  # room for one file
+    cache.waiting("a", a, 0)
+    await _settle(cache)
+    assert await cache.measure("a", 1) == SIZE  # warmed during the wait
+    # "b" is loaded twice (more valuable than "a", used never): "a" makes room and is dropped.
+    for t in (2, 3):
+        cache.mapped("b", b, t)
+        cache.loaded("b", t)
+        cache.unmapped("b", t)
+    await _settle(cache)
+    assert cache.tier.kept("b")
+    assert await cache.measure("a", 4) == 0
+    assert pagecache.resident_bytes(a) <= SIZE // 20
+    await cache.aclose()
+
+
+async def test_a_mapped_file_is_not_dropped_until_unmapped(files: list[Path]) -> None:
+    a, b, _ = files
+    cache = HostCache(budget_bytes=SIZE + SIZE // 2, min_file_bytes=0)
+    for t in (0, 1):  # "a" is the valuable one
+        cache.mapped("a", a, t)
+        cache.loaded("a", t)
+        cache.unmapped("a", t)
+    cache.mapped("b", b, 2)
+    pagecache.warm(b)  # the runner reads it
+    cache.loaded("b", 2)  # not admitted: read around, but mapped
+    await _settle(cache)
+    assert pagecache.resident_bytes(b) == SIZE
+    cache.unmapped("b", 3)
+    await _settle(cache)
+    assert pagecache.resident_bytes(b) <= SIZE // 20
+    await cache.aclose()
+
+
+async def test_a_waiting_warm_is_cancelled_by_the_load_itself(files: list[Path]) -> None:
+    a, b, _ = files
+    cache = HostCache(budget_bytes=4 * SIZE, min_file_bytes=0)
+    cache.waiting("a", a, 0)
+    cache.waiting("b", b, 0)  # queued behind "a" for the disk
+    cache.mapped("b", b, 1)  # its runner starts: the prefetch would only compete
+    await _settle(cache)
+    assert pagecache.resident_bytes(b) <= SIZE // 20
+    await cache.aclose()
+
+
+async def test_small_files_are_left_to_the_kernel(files: list[Path]) -> None:
+    a = files[0]
+    cache = HostCache(budget_bytes=4 * SIZE, min_file_bytes=SIZE + 1)
+    cache.waiting("a", a, 0)
+    assert not cache._tasks  # no I/O started
+    assert pagecache.resident_bytes(a) <= SIZE // 20
+    await cache.aclose()

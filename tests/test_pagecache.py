@@ -1,0 +1,59 @@
+"""The page-cache interfaces against a real file: what ``mincore`` reports is what warming and
+dropping did (a file of our own, written and synced, so no other process maps it)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from residency import pagecache
+from residency.embedded import cache_dir
+
+pytestmark = pytest.mark.timeout(60)
+SIZE = 16 << 20
+
+
+@pytest.fixture
+def synced_file() -> Iterator[Path]:
+    # Beside the models (a disk): on a tmpfs the pages are the file and can never be dropped.
+    folder = cache_dir() / "test-pagecache"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"file-{os.getpid()}.bin"
+    with path.open("wb") as f:
+        f.write(os.urandom(SIZE - 1234))  # not a whole number of pages
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages cannot be dropped
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_drop_then_warm_as_mincore_sees_it(synced_file: Path) -> None:
+    size = synced_file.stat().st_size
+    pagecache.drop(synced_file)
+    assert pagecache.resident_bytes(synced_file) <= size // 20
+    assert pagecache.warm(synced_file) == size
+    assert pagecache.resident_bytes(synced_file) == size
+    pagecache.drop(synced_file)
+    assert pagecache.resident_bytes(synced_file) <= size // 20
+
+
+def test_a_cancelled_warm_reads_nothing_more(synced_file: Path) -> None:
+    pagecache.drop(synced_file)
+    cancel = threading.Event()
+    cancel.set()
+    assert pagecache.warm(synced_file, cancelled=cancel) == 0
+
+
+def test_an_empty_file_has_no_resident_bytes(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.touch()
+    assert pagecache.resident_bytes(empty) == 0
+
+
+def test_a_missing_file_is_an_os_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        pagecache.resident_bytes(tmp_path / "missing")
