@@ -42,12 +42,11 @@ from residency.scheduler.executor import (
     Instance,
     RunnerFactory,
     Tasks,
-    copy_error,
     default_runner,
 )
 from residency.scheduler.host_cache import make_host_cache
 from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
-from residency.scheduler.requests import PendingRequest, shape_of
+from residency.scheduler.requests import PendingRequest, copy_error, shape_of
 from residency.scheduler.rows import device_usage, resident_rows
 from residency.scheduler.sizing import Sizing, gib
 from residency.scheduler.timer import KeepAliveTimer
@@ -77,16 +76,14 @@ class Scheduler:
         metrics: ResidencyMetrics | None = None,
     ) -> None:
         self.settings = settings
-        #: Loads, evictions and crashes are counted here; its gauges read this scheduler.
-        self.metrics = metrics if metrics is not None else ResidencyMetrics()
+        self.metrics = metrics if metrics is not None else ResidencyMetrics()  # gauges read self
         self.metrics.source = self
         self._clock: Clock = clock or MonotonicClock()
         self._registry = registry or Registry.from_settings(settings)
         self._runner_factory = runner_factory or default_runner
         self._probe = probe
         self._device_infos = devices
-        #: Keep the engine's journal of actions (the differential test compares it).
-        self._journal = journal
+        self._journal = journal  # keep the engine's journal (the differential test compares it)
         self._sizing = Sizing(settings)
         self._engine: Engine | None = None
         self._executor: Executor | None = None
@@ -96,8 +93,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._timer: KeepAliveTimer | None = None
         self._timer_task: asyncio.Task[None] | None = None
-        self._started = False
-        self._closed = False
+        self._started = self._closed = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -346,9 +342,8 @@ class Scheduler:
 
     async def _estimate(self, req: PendingRequest) -> None:
         try:
-            req.bytes, req.gpu_layers = await self._sizing.needed(
-                req.entry, req.want, self._has_gpu()
-            )
+            sized = await self._sizing.needed(req.entry, req.want, self._has_gpu())
+            req.bytes, req.gpu_layers = sized
         except Exception as err:
             self._run(self.engine.cancel(req.id, self._clock.now_ns()))
             if not req.granted.done():

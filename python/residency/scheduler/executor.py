@@ -393,16 +393,3 @@ class Executor:
             details=inst.entry.details,
         )
         return self._runner_factory(cfg.runner, spec, self.on_runner_exit)
-
-
-def copy_error(err: ResidencyError) -> ResidencyError:
-    """A fresh exception per waiting request (one object raised in many tasks mixes tracebacks)."""
-    if isinstance(err, RunnerError):
-        copy = RunnerError.__new__(RunnerError)
-        ResidencyError.__init__(copy, *err.args)
-        copy.output_tail = err.output_tail
-        return copy
-    try:
-        return type(err)(*err.args)
-    except TypeError:
-        return ResidencyError(str(err))

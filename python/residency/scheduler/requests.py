@@ -8,13 +8,13 @@ import functools
 from dataclasses import dataclass
 
 from residency._core import Action, LoadShape
-from residency.errors import ModelTooLargeError
+from residency.errors import ModelTooLargeError, ResidencyError, RunnerError
 from residency.registry import ModelEntry
 from residency.scheduler.executor import Instance
 from residency.scheduler.lease import LoadOptions
 from residency.scheduler.sizing import gib
 
-__all__ = ["PendingRequest", "shape_of"]
+__all__ = ["PendingRequest", "copy_error", "shape_of"]
 
 
 @dataclass(eq=False)
@@ -42,3 +42,16 @@ def shape_of(want: LoadOptions) -> LoadShape:
     """The engine's LoadShape for these options (made once per distinct options)."""
     layers = None if want.gpu_layers == "auto" else int(want.gpu_layers)
     return LoadShape(want.ctx, want.parallel, want.kv_type, layers)
+
+
+def copy_error(err: ResidencyError) -> ResidencyError:
+    """A fresh exception per waiting request (one object raised in many tasks mixes tracebacks)."""
+    if isinstance(err, RunnerError):
+        copy = RunnerError.__new__(RunnerError)
+        ResidencyError.__init__(copy, *err.args)
+        copy.output_tail = err.output_tail
+        return copy
+    try:
+        return type(err)(*err.args)
+    except TypeError:
+        return ResidencyError(str(err))
