@@ -38,7 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-__all__ = ["ModelConfig", "RunnerKind", "Settings", "load_settings"]
+__all__ = ["ApiKeyConfig", "ModelConfig", "RunnerKind", "Settings", "load_settings"]
 
 RunnerKind = Literal["llama-cpp-python", "llama-server", "command"]
 
@@ -118,6 +118,18 @@ class ModelConfig(BaseModel):
         return self
 
 
+class ApiKeyConfig(BaseModel):
+    """One API key: the secret clients send as ``Authorization: Bearer``, and the name that logs and
+    metrics show instead of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    key: str = Field(min_length=16, repr=False)
+    #: The models this key may use (names as configured); None = every model.
+    models: list[str] | None = None
+
+
 class Settings(BaseSettings):
     """Everything residency is configured with. See ``load_settings`` for where values come from."""
 
@@ -164,6 +176,43 @@ class Settings(BaseSettings):
     default_ctx: int = Field(default=4096, gt=0)
     #: The llama.cpp `llama-server` binary; None = look it up on PATH.
     llama_server: str | None = None
+
+    # ---- security and input limits (issue 14; read by residency.api.security and .limits) ----
+    #: API keys; none = no authentication (the default, with the loopback bind).
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    #: One more key from the environment, named "env" in logs and metrics.
+    api_key: str | None = Field(
+        default=None,
+        min_length=16,
+        repr=False,
+        validation_alias=AliasChoices("RESIDENCY_API_KEY", "api_key"),
+    )
+    #: A file of keys, one ``name:key`` or ``name:key:model,model`` per line (``#`` comments).
+    api_keys_file: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("RESIDENCY_API_KEYS_FILE", "api_keys_file"),
+    )
+    #: Whether /metrics and /health need a key too (when keys are configured).
+    auth_metrics: bool = True
+    auth_health: bool = False
+    #: Extra allowed browser origins, comma-separated, with Ollama's OLLAMA_ORIGINS patterns
+    #: ("https://app.example.com", "http://*.example.com", "*"); loopback origins always pass.
+    origins: str = Field(default="", validation_alias=_alias("origins"))
+    #: Largest request body in bytes (413 beyond it, counted as it arrives).
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    #: A request body must arrive within this many seconds (a trickling client cannot hold on).
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    #: A request's headers must arrive within this many seconds of the connection (or the
+    #: previous answer); slower connections are closed.
+    header_timeout_s: float = Field(default=30.0, gt=0)
+    #: Most chat messages, and most characters of a prompt (all messages' text together).
+    max_messages: int = Field(default=4096, gt=0)
+    max_prompt_chars: int = Field(default=8 * 1024 * 1024, gt=0)
+    #: Largest num_predict / max_tokens, and largest OpenAI `n`.
+    max_num_predict: int = Field(default=1 << 20, gt=0)
+    max_n: int = Field(default=16, gt=0)
+    #: Largest num_ctx for a model whose training context is unknown.
+    max_num_ctx: int = Field(default=1 << 20, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -328,7 +377,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     base = path.parent
     # Paths in the file are relative to the file, not to wherever the server was started.
-    for key in ("models_dir", "simulated_device"):
+    for key in ("models_dir", "simulated_device", "api_keys_file"):
         if isinstance(data.get(key), str):
             data[key] = str(_relative_to(base, data[key]))
     models = data.get("models")
