@@ -67,7 +67,7 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
     import uvicorn
 
     from residency.api import create_app
-    from residency.api.protocol import HttpProtocol
+    from residency.api.protocol import protocol_with
     from residency.scheduler import Scheduler
 
     # Built here, not in the lifespan: a bad model file fails with a clear message before
@@ -82,7 +82,8 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
         log_level=log_level,
         access_log=False,  # residency.access logs one richer line per request
         lifespan="on",
-        http=HttpProtocol,  # httptools, each response's head and body in one write
+        # httptools, each response's head and body in one write; slow headers cut off
+        http=protocol_with(settings.header_timeout_s),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         timeout_keep_alive=IDLE_CONNECTION_S,
         server_header=False,

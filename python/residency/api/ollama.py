@@ -335,7 +335,7 @@ async def tags(state: State) -> Response:
 async def show(request: Request) -> Response:
     """A model's details, GGUF metadata (``model_info``), template and parameters."""
     state = api_state(request)
-    req = await parse_body(ShowRequest, await read_body(request, state.settings))
+    req = parse_body(ShowRequest, await read_body(request, state.settings), state.settings)
     check_model_name(req.model_name)
     entry = state.scheduler.resolve(req.model_name)
     info: dict[str, Any] = {}

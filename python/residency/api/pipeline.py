@@ -82,7 +82,8 @@ class Call:
 
     async def parse(self, model: type[M], body: bytes | None = None) -> M:
         """The body (read if not given) validated as `model`, off the loop when large."""
-        return await parse_body(model, body if body is not None else await self.body())
+        raw = body if body is not None else await self.body()
+        return parse_body(model, raw, self.state.settings)
 
     def admit(
         self,
