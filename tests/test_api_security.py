@@ -22,6 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 ALICE = "alice-secret-key-0123456789"
 BOB = "bob-secret-key-0123456789abc"
 GEN_BODY = {"model": "gemma3:270m", "prompt": "hi", "stream": False}
+MODEL_A = "gemma3:270m"
 OPENAI_BODY = {"model": "gemma3:270m", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -101,6 +102,15 @@ async def test_a_keys_model_allow_list_and_its_name_in_the_log(
         ok = await s.client.post("/api/generate", json={**GEN_BODY, "model": "other"}, headers=bob)
         assert ok.status_code == 200
         assert [x["model"] for x in s.sched.sessions] == ["other"]
+        tags = (await s.client.get("/api/tags", headers=bob)).json()["models"]
+        assert [m["name"] for m in tags] == ["other"]
+        cards = (await s.client.get("/v1/models", headers=bob)).json()["data"]
+        assert [c["id"] for c in cards] == ["other"]
+        shown = await s.client.post("/api/show", json={"model": MODEL_A}, headers=bob)
+        assert shown.status_code == 403
+        assert (await s.client.get(f"/v1/models/{MODEL_A}", headers=bob)).status_code == 403
+        alice = {"Authorization": f"Bearer {ALICE}"}
+        assert len((await s.client.get("/api/tags", headers=alice)).json()["models"]) == 2
     assert any(
         "key=bob" in r.getMessage() and "status=200" in r.getMessage() for r in caplog.records
     )

@@ -29,6 +29,7 @@ from residency.api.schemas import (
     GenerateRequest,
     ShowRequest,
 )
+from residency.api.security import key_allows
 from residency.api.state import State, api_state, body_schema
 from residency.api.translate import (
     Generation,
@@ -312,8 +313,8 @@ async def ps(state: State) -> Response:
 
 
 @router.get("/api/tags")
-async def tags(state: State) -> Response:
-    """Every model clients may ask for."""
+async def tags(request: Request, state: State) -> Response:
+    """Every model clients may ask for (with a key: those the key may use)."""
     return json_response(
         {
             "models": [
@@ -326,6 +327,7 @@ async def tags(state: State) -> Response:
                     "details": ollama_details(e),
                 }
                 for e in state.scheduler.models()
+                if key_allows(request.scope, e.name)
             ]
         }
     )
@@ -338,6 +340,8 @@ async def show(request: Request) -> Response:
     req = parse_body(ShowRequest, await read_body(request, state.settings), state.settings)
     check_model_name(req.model_name)
     entry = state.scheduler.resolve(req.model_name)
+    if not key_allows(request.scope, entry.name):
+        raise ApiError(403, f"this API key may not use model {entry.name!r}")
     info: dict[str, Any] = {}
     template = ""
     if entry.details.get("format") == "gguf":

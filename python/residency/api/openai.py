@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic_core import from_json, to_json
 from starlette.responses import Response
 
 from residency.api._types import LeaseLike
-from residency.api.errors import error_body
+from residency.api.errors import ApiError, error_body
 from residency.api.limits import check_model_name
 from residency.api.pipeline import Call, endpoint, shaped_embeddings
 from residency.api.proxy import json_response
@@ -27,6 +27,7 @@ from residency.api.schemas import (
     OpenAIEmbeddingRequest,
     _OpenAIBase,
 )
+from residency.api.security import key_allows
 from residency.api.state import State, body_schema
 from residency.runners.protocol import Body
 
@@ -79,16 +80,18 @@ async def embeddings(call: Call) -> Response:
 
 
 @router.get("/models")
-async def list_models(state: State) -> Response:
-    return json_response(
-        {"object": "list", "data": [_model_card(e) for e in state.scheduler.models()]}
-    )
+async def list_models(request: Request, state: State) -> Response:
+    cards = [_model_card(e) for e in state.scheduler.models() if key_allows(request.scope, e.name)]
+    return json_response({"object": "list", "data": cards})
 
 
 @router.get("/models/{model:path}")
-async def get_model(model: str, state: State) -> Response:
+async def get_model(model: str, request: Request, state: State) -> Response:
     check_model_name(model)
-    return json_response(_model_card(state.scheduler.resolve(model), model))
+    entry = state.scheduler.resolve(model)
+    if not key_allows(request.scope, entry.name):
+        raise ApiError(403, f"this API key may not use model {entry.name!r}")
+    return json_response(_model_card(entry, model))
 
 
 def _model_card(entry: Any, name: str | None = None) -> dict[str, Any]:

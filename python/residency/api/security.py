@@ -32,7 +32,15 @@ from residency.config import Settings
 from residency.errors import ConfigError
 from residency.metrics import ResidencyMetrics
 
-__all__ = ["ApiKey", "Guard", "load_keys", "origin_allowed", "warn_if_exposed", "with_cors"]
+__all__ = [
+    "ApiKey",
+    "Guard",
+    "key_allows",
+    "load_keys",
+    "origin_allowed",
+    "warn_if_exposed",
+    "with_cors",
+]
 
 log = logging.getLogger("residency.security")
 
@@ -52,6 +60,12 @@ class ApiKey:
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+def key_allows(scope: Scope, model: str) -> bool:
+    """Whether the request's key (if any) may use `model` (a configured name)."""
+    key: ApiKey | None = scope.get(SCOPE_KEY)
+    return key is None or key.allows(model)
 
 
 def _digest(secret: str) -> bytes:
