@@ -231,3 +231,33 @@ async def test_host_is_not_checked_when_bound_beyond_loopback() -> None:
             "/api/tags", headers={"Host": "gpu-box.corp:11434", "Authorization": f"Bearer {ALICE}"}
         )
         assert r.status_code == 200
+
+
+async def test_the_official_clients_send_their_keys_and_read_the_401() -> None:
+    """ollama's Client(headers=...) and openai's api_key=, against uvicorn on a loopback port."""
+    import ollama
+    import openai
+
+    from test_api_limits import live
+
+    async with live(keyed()) as (port, _):
+        url = f"http://127.0.0.1:{port}"
+        good = ollama.AsyncClient(host=url, headers={"Authorization": f"Bearer {ALICE}"})
+        assert [m.model for m in (await good.list()).models] == ["gemma3:270m"]
+        answer = await good.generate(model="gemma3:270m", prompt="hi", stream=False)
+        assert answer.done
+        anonymous = ollama.AsyncClient(host=url)
+        with pytest.raises(ollama.ResponseError) as err:
+            await anonymous.list()
+        for c in (good, anonymous):
+            await c._client.aclose()
+        assert err.value.status_code == 401
+        assert "API key" in err.value.error
+
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=ALICE, max_retries=0)
+        assert [m.id async for m in client.models.list()] == ["gemma3:270m"]
+        wrong = openai.AsyncOpenAI(base_url=url + "/v1", api_key="wrong-key", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="API key"):
+            await wrong.models.list()
+        await client.close()
+        await wrong.close()
