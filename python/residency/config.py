@@ -53,6 +53,11 @@ def _alias(name: str, *extra: str) -> AliasChoices:
     return AliasChoices(*choices, *extra)
 
 
+def _own(name: str) -> AliasChoices:
+    """residency's variable only (not Ollama's: OLLAMA_API_KEY means ollama.com's key)."""
+    return AliasChoices(f"RESIDENCY_{name.upper()}", name)
+
+
 class ModelConfig(BaseModel):
     """One model as configured: a file, the runner that serves it, and its load options."""
 
@@ -119,8 +124,7 @@ class ModelConfig(BaseModel):
 
 
 class ApiKeyConfig(BaseModel):
-    """One API key: the secret clients send as ``Authorization: Bearer``, and the name that logs and
-    metrics show instead of it."""
+    """An API key (sent as ``Authorization: Bearer``) and its name, shown in logs and metrics."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -181,17 +185,9 @@ class Settings(BaseSettings):
     #: API keys; none = no authentication (the default, with the loopback bind).
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
     #: One more key from the environment, named "env" in logs and metrics.
-    api_key: str | None = Field(
-        default=None,
-        min_length=16,
-        repr=False,
-        validation_alias=AliasChoices("RESIDENCY_API_KEY", "api_key"),
-    )
+    api_key: str | None = Field(None, min_length=16, repr=False, validation_alias=_own("api_key"))
     #: A file of keys, one ``name:key`` or ``name:key:model,model`` per line (``#`` comments).
-    api_keys_file: Path | None = Field(
-        default=None,
-        validation_alias=AliasChoices("RESIDENCY_API_KEYS_FILE", "api_keys_file"),
-    )
+    api_keys_file: Path | None = Field(None, validation_alias=_own("api_keys_file"))
     #: Whether /metrics and /health need a key too (when keys are configured).
     auth_metrics: bool = True
     auth_health: bool = False
@@ -202,8 +198,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     #: A request body must arrive within this many seconds (a trickling client cannot hold on).
     body_timeout_s: float = Field(default=60.0, gt=0)
-    #: A request's headers must arrive within this many seconds of the connection (or the
-    #: previous answer); slower connections are closed.
+    #: Seconds for a request's headers to arrive (from the connection or the previous answer).
     header_timeout_s: float = Field(default=30.0, gt=0)
     #: Most chat messages, and most characters of a prompt (all messages' text together).
     max_messages: int = Field(default=4096, gt=0)
