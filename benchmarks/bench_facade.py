@@ -107,7 +107,8 @@ def runner_port(server_pid: int) -> int:
 
 def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     config = tmp / "residency.toml"
-    config.write_text('keep_alive = "-1"\ndefault_ctx = 1024\n')
+    # discover = false: the embedded Gemma, whatever models this machine holds.
+    config.write_text('keep_alive = "-1"\ndefault_ctx = 1024\ndiscover = false\n')
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}
     log = (tmp / "server.log").open("wb")

@@ -21,7 +21,7 @@ fi
   -Cbuild-dir="build/${kind}" -Ccmake.define.RESIDENCY_TSAN="${RESIDENCY_TSAN:-OFF}" .
 # Run from outside the source tree so the sanitized wheel, not the sources, is imported.
 root="$(pwd)"; tests="$root/tests"
-if [[ $# -eq 0 ]]; then set -- "$tests/test_resident_set.py" "$tests/test_resident_set_stateful.py"; fi
+if [[ $# -eq 0 ]]; then set -- "$tests/test_resident_set.py" "$tests/test_resident_set_stateful.py" "$tests/test_engine.py"; fi
 cd build
 LD_PRELOAD="$runtime" "../$venv/bin/python" -m pytest -p no:cacheprovider -c "$root/pyproject.toml" \
   --rootdir="$root" "$@"

@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite must not serve whatever models this machine's Ollama store or Hugging Face cache hold;
+# tests of discovery turn it on with their own stores (tests/test_discovery.py).
+os.environ.setdefault("RESIDENCY_DISCOVER", "0")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

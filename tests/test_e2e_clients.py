@@ -93,6 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = _free_port()
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}
+    env["RESIDENCY_DISCOVER"] = "0"  # the embedded Gemma, whatever models this machine holds
     env["RESIDENCY_CACHE_DIR"] = os.environ.get("RESIDENCY_CACHE_DIR", "")
     if not env["RESIDENCY_CACHE_DIR"]:
         del env["RESIDENCY_CACHE_DIR"]

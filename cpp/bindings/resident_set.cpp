@@ -135,8 +135,13 @@ void register_resident_set(py::module_& m) {
           },
           py::arg("key"), py::arg("now"), py::arg("load_seconds"),
           py::arg("measured_bytes") = py::none())
-      .def("acquire", &ResidentSet::acquire, py::arg("key"), py::arg("now"),
-           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "acquire",
+          [](ResidentSet& s, const std::string& key, Nanos now) {
+            py::gil_scoped_release release;
+            s.acquire(key, now);
+          },
+          py::arg("key"), py::arg("now"))
       .def("release", &ResidentSet::release, py::arg("key"), py::arg("now"),
            py::arg("keep_alive") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def("expired", &ResidentSet::expired, py::arg("now"),

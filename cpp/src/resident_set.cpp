@@ -263,13 +263,14 @@ void ResidentSet::loaded(const std::string& key, Nanos now, double load_seconds,
   policy_->on_loaded(r, s);
 }
 
-void ResidentSet::acquire(const std::string& key, Nanos now) {
+Nanos ResidentSet::acquire(const std::string& key, Nanos now) {
   std::lock_guard lock(mutex_);
   Slot& slot = find_locked(key);
   Reservation& r = slot.r;
   if (r.state == ReservationState::Unloading) {
     throw InvalidState("model '" + key + "' is unloading");
   }
+  const Nanos idle = r.state == ReservationState::Ready && r.refcount == 0 ? now - r.last_used : 0;
   ++r.refcount;
   ++r.hits;
   r.last_used = now;
@@ -278,6 +279,7 @@ void ResidentSet::acquire(const std::string& key, Nanos now) {
   ++s.requests;
   s.last_used = now;
   policy_->on_request(key, s, now);
+  return idle;
 }
 
 void ResidentSet::release(const std::string& key, Nanos now, std::optional<Nanos> keep_alive) {

@@ -59,6 +59,15 @@ def _add_estimate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 _COMMANDS.append(_add_estimate)
 
 
+def _add_client_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from residency.cli_client import add_commands
+
+    add_commands(sub)
+
+
+_COMMANDS.append(_add_client_verbs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -30,17 +29,16 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from residency.config_file import read_toml
 from residency.errors import ConfigError, InvalidArgumentError
 from residency.keepalive import parse_keep_alive
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 __all__ = ["ApiKeyConfig", "ModelConfig", "RunnerKind", "Settings", "load_settings"]
 
 RunnerKind = Literal["llama-cpp-python", "llama-server", "command"]
+
+#: KV cache types llama.cpp's runners accept (Ollama documents f16, q8_0 and q4_0).
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0", "f32", "bf16", "q4_1", "q5_0", "q5_1", "iq4_nl")
 
 #: The environment variable naming a config file when load_settings() gets none.
 CONFIG_ENV = "RESIDENCY_CONFIG"
@@ -93,6 +91,18 @@ class ModelConfig(BaseModel):
     embedding: bool | None = None
     #: llama-cpp-python's chat format; None = the GGUF's template, else one guessed from the family.
     chat_format: str | None = None
+    #: Flash attention on or off; None = settings.flash_attention (then the runner's default).
+    flash_attention: bool | None = None
+    #: Request options this model defaults to (Ollama's PARAMETERs: stop, temperature, top_k…).
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    #: The model's default system prompt, its template (as Ollama stores it: a Go template, shown
+    #: by /api/show; the runner applies the GGUF's own) and its license text.
+    system: str | None = None
+    template: str | None = None
+    license: str | None = None
+    #: Vision projectors and LoRA adapters that came with the model (noted, not yet loaded).
+    projectors: list[Path] = Field(default_factory=list)
+    adapters: list[Path] = Field(default_factory=list)
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -166,18 +176,54 @@ class Settings(BaseSettings):
     #: at once (an idle inference server has nothing to save, and the load is waiting).
     evict_grace_s: float = Field(default=0.0, ge=0)
     policy: str = "ollama"
+    #: Queue discipline: "affinity" (requests for a ready or loading model never wait behind other
+    #: loads; loads start oldest request first) or "ollama" (Ollama's FIFO, one load at a time).
+    queue: Literal["affinity", "ollama"] = Field(
+        default="affinity", validation_alias=AliasChoices("RESIDENCY_QUEUE", "queue")
+    )
+    #: Affinity's starvation deadline: past it, nothing passes the oldest waiting request;
+    #: 0 = the mean load time observed so far (10 s before the first load).
+    starvation_s: float = Field(default=0.0, ge=0)
     probe: Literal["auto", "cuda", "nvml", "host", "simulated"] = "auto"
     #: A simulated device file (residency.memory.SimulatedDevice): the test double of a GPU.
     simulated_device: Path | None = None
     #: Caps each device's memory as residency sees it (bytes); None = the device's total.
     memory_limit: int | None = Field(default=None, gt=0)
     models: list[ModelConfig] = Field(default_factory=list)
-    #: Every *.gguf in this directory becomes a model named after its file.
+    #: Every *.gguf under this directory (recursively) becomes a model named after its file.
     models_dir: Path | None = Field(
         default=None, validation_alias=AliasChoices("RESIDENCY_MODELS_DIR", "models_dir")
     )
+    #: Serve the models of Ollama's store and the Hugging Face cache (explicit `models` win).
+    discover: bool = Field(
+        default=True, validation_alias=AliasChoices("RESIDENCY_DISCOVER", "discover")
+    )
+    #: Ollama's store; None = ~/.ollama/models, else /usr/share/ollama/.ollama/models.
+    ollama_models: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("RESIDENCY_OLLAMA_MODELS", "OLLAMA_MODELS", "ollama_models"),
+    )
+    #: The Hugging Face hub cache; None = huggingface_hub's own (HF_HUB_CACHE, HF_HOME…).
+    hf_cache: Path | None = Field(
+        default=None, validation_alias=AliasChoices("RESIDENCY_HF_CACHE", "hf_cache")
+    )
+    #: How often (at most) discovered directories are checked for new or removed models.
+    discover_interval_s: float = Field(default=2.0, gt=0)
     preload: list[str] = Field(default_factory=list)
-    default_ctx: int = Field(default=4096, gt=0)
+    #: Context length of models that set none (capped by each model's training context).
+    default_ctx: int = Field(
+        default=4096,
+        gt=0,
+        validation_alias=AliasChoices(
+            "RESIDENCY_DEFAULT_CTX", "OLLAMA_CONTEXT_LENGTH", "default_ctx"
+        ),
+    )
+    #: KV cache type of models that set none: f16, q8_0, q4_0… (quantised needs flash attention).
+    kv_cache_type: str = Field(default="f16", validation_alias=_alias("kv_cache_type"))
+    #: Flash attention for every model that sets none; None = the runner's default.
+    flash_attention: bool | None = Field(default=None, validation_alias=_alias("flash_attention"))
+    #: Spread each model across all GPUs instead of fitting it on one (as OLLAMA_SCHED_SPREAD).
+    sched_spread: bool = Field(default=False, validation_alias=_alias("sched_spread"))
     #: The llama.cpp `llama-server` binary; None = look it up on PATH.
     llama_server: str | None = None
 
@@ -238,6 +284,22 @@ class Settings(BaseSettings):
     @classmethod
     def _duration_valid(cls, value: str, info: Any) -> str:
         _parse_duration(info.field_name, value)
+        return value
+
+    @field_validator("flash_attention", "sched_spread", "discover", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object, info: Any) -> object:
+        # OLLAMA_FLASH_ATTENTION= (set but empty) means "not set", as in Ollama.
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[info.field_name].default
+        return value
+
+    @field_validator("kv_cache_type")
+    @classmethod
+    def _kv_cache_type_known(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in KV_CACHE_TYPES:
+            raise ValueError(f"unknown KV cache type {value!r}; known: {', '.join(KV_CACHE_TYPES)}")
         return value
 
     @field_validator("policy")
@@ -350,7 +412,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     if config_file is not None:
         path = Path(config_file).expanduser()
         source = str(path)
-        data = _read_toml(path)
+        data = read_toml(path)
     token = _TOML_DATA.set(data)
     try:
         return Settings(**overrides)
@@ -358,37 +420,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise ConfigError(f"{source}: {_describe(err)}") from None
     finally:
         _TOML_DATA.reset(token)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as f:
-            data: dict[str, Any] = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as err:
-        raise ConfigError(f"config file {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
-    base = path.parent
-    # Paths in the file are relative to the file, not to wherever the server was started.
-    for key in ("models_dir", "simulated_device", "api_keys_file"):
-        if isinstance(data.get(key), str):
-            data[key] = str(_relative_to(base, data[key]))
-    models = data.get("models")
-    if isinstance(models, list):
-        data["models"] = [
-            {**m, "path": str(_relative_to(base, m["path"]))}
-            if isinstance(m, dict) and isinstance(m.get("path"), str)
-            else m
-            for m in models
-        ]
-    return data
-
-
-def _relative_to(base: Path, text: str) -> Path:
-    p = Path(text).expanduser()
-    return p if p.is_absolute() else base / p
 
 
 def _describe(err: ValidationError) -> str:

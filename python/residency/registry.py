@@ -12,12 +12,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from residency.config import ModelConfig, Settings
-from residency.embedded import DEFAULT_MODEL_NAME, default_model_path
 from residency.errors import ConfigError, ModelNotFoundError
 from residency.gguf_header import read_header
+
+if TYPE_CHECKING:
+    from residency.catalog import DiscoveredModels
 
 __all__ = ["ModelEntry", "Registry", "gguf_details"]
 
@@ -62,10 +64,12 @@ class ModelEntry:
 
 
 class Registry:
-    """Name → ModelEntry. Built from settings.models, then settings.models_dir; the embedded default
-    Gemma 3 270M when neither names any model."""
+    """Name → ModelEntry. Built from settings.models, then the models found on disk
+    (residency.discovery); the embedded default Gemma 3 270M when none is found."""
 
     def __init__(self, entries: Iterable[ModelEntry]) -> None:
+        self._discovered: DiscoveredModels | None = None
+        self._version = 0
         self._entries: dict[str, ModelEntry] = {}
         for entry in entries:
             if _canonical(entry.name) in self._entries:
@@ -74,19 +78,31 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
-        configs = list(settings.models)
-        names = {_canonical(c.name) for c in configs}
-        if settings.models_dir is not None:
-            for c in _scan_dir(settings.models_dir):
-                if _canonical(c.name) not in names:  # an explicit entry wins over the file
-                    configs.append(c)
-                    names.add(_canonical(c.name))
-        if not configs:
-            configs.append(ModelConfig(name=DEFAULT_MODEL_NAME, path=default_model_path()))
-        return cls(make_entry(c) for c in configs)
+        if settings.models_dir is not None and not settings.models_dir.is_dir():
+            raise ConfigError(f"models_dir {settings.models_dir} is not a directory")
+        from residency.catalog import DiscoveredModels  # it builds entries with make_entry
+
+        found = DiscoveredModels(settings, make_entry)
+        registry = cls(found.entries())
+        registry._discovered = found
+        found.watch()
+        return registry
+
+    def _refresh(self) -> None:
+        # Takes the list the discovery watcher published, if it changed (an int compare).
+        found = self._discovered
+        if found is not None and found.version != self._version:
+            self._version = found.version
+            self._entries = {_canonical(e.name): e for e in found.entries()}
+
+    def close(self) -> None:
+        """Stops watching the disk for models (the watcher also ends with the registry)."""
+        if self._discovered is not None:
+            self._discovered.close()
 
     def resolve(self, name: str) -> ModelEntry:
         """The entry for `name` ("gemma3:270m", "mymodel", "mymodel:latest")."""
+        self._refresh()
         entry = self._entries.get(_canonical(name.strip()))
         if entry is None:
             known = ", ".join(sorted(e.name for e in self._entries.values())) or "none"
@@ -94,6 +110,7 @@ class Registry:
         return entry
 
     def entries(self) -> list[ModelEntry]:
+        self._refresh()
         return sorted(self._entries.values(), key=lambda e: e.name)
 
     def __len__(self) -> int:
@@ -102,16 +119,6 @@ class Registry:
 
 def _canonical(name: str) -> str:
     return name.removesuffix(_LATEST)
-
-
-def _scan_dir(directory: Path) -> list[ModelConfig]:
-    if not directory.is_dir():
-        raise ConfigError(f"models_dir {directory} is not a directory")
-    return [
-        ModelConfig(name=p.stem, path=p.resolve())
-        for p in sorted(directory.glob("*.gguf"))
-        if p.is_file()
-    ]
 
 
 def make_entry(config: ModelConfig) -> ModelEntry:

@@ -36,7 +36,8 @@ class ResidentSet {
   void loaded(const std::string& key, Nanos now, double load_seconds,
               std::optional<std::uint64_t> measured_bytes = std::nullopt);
   /// One more request uses the model (loading or ready): it cannot be evicted or expire meanwhile.
-  void acquire(const std::string& key, Nanos now);
+  /// Returns how long a ready model sat idle before this request (0 if it was busy or loading).
+  Nanos acquire(const std::string& key, Nanos now);
   /// One request is done. `keep_alive` (when given) replaces the model's; at refcount 0 the
   /// keep-alive clock starts: < 0 never expires, 0 expires now.
   void release(const std::string& key, Nanos now, std::optional<Nanos> keep_alive = std::nullopt);

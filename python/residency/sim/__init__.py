@@ -1,8 +1,9 @@
 """Trace-driven simulation of residency's scheduling on the real C++ core, with a virtual clock.
 
-``make_trace`` builds a seeded synthetic workload; ``simulate`` replays it against a
-:class:`residency.ResidentSet` and reports cold loads, load seconds, time to first token and idle
-memory, so eviction and keep-alive policies can be compared by measurement.
+``make_trace`` builds a seeded synthetic workload; ``simulate`` replays it through the scheduling
+engine the server runs (:class:`residency.Engine`: queue, admission, eviction, keep-alive) and
+reports cold loads, load seconds, time to first token and idle memory, so queue disciplines and
+eviction policies can be compared by measurement.
 """
 
 from __future__ import annotations

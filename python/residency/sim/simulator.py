@@ -1,35 +1,42 @@
-"""Replays a trace against the real C++ resident set with a virtual clock.
+"""Replays a trace through the real scheduling engine (``residency.Engine``) on a virtual clock.
 
-The event loop plays the scheduler's part the way ``scheduler.py`` does with real runners: admit,
-then on Load stop the victims, wait for their memory to come back (the recovery lag), load (taking
-the model's load cost), serve, release, and expire idle models when the core says their keep-alive
-ran out. Requests that get Wait queue in arrival order (as Ollama's pending queue does) and retry
-whenever a model goes idle or finishes unloading. Each runner serves ``parallel`` requests at a
-time; more queue at the runner. Every decision is the core's: the simulator only keeps time.
+The simulator is a second driver of the engine the server runs: it reports events (arrivals, loads
+finished, requests served, runners gone, time passing) and carries out the actions the engine
+returns with simulated runners — a Load takes the model's load cost once the memory it needs is
+physically back (victims' memory returns ``recovery_lag_s`` after their stop), a Stop frees memory
+after the lag, a Grant is served as soon as the runner is ready and one of its ``parallel`` slots
+is free. It makes no decision of its own: queue order, admission, eviction and expiry are the
+engine's.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from residency import AdmitOutcome, Device, ResidentSet
+from residency._core import Action, ActionKind, Device, Engine, LoadShape
 from residency.errors import ConfigError
 from residency.sim.trace import GB, Trace
 
 NS = 1_000_000_000
 
 # Event kinds, ordered so that at equal times completions free things before others need them.
-_SERVED, _UNLOADED, _LOADED, _EXPIRE = 0, 1, 2, 3
-_NO_EXPIRY = 1 << 63
+_SERVED, _GONE, _READY, _TICK, _ARRIVE = 0, 1, 2, 3, 4
+#: Every simulated request asks for the same runner shape: the trace varies models, not options.
+SHAPE = LoadShape(ctx=4096)
 
 
 @dataclass(frozen=True)
 class SimConfig:
     policy: str = "ollama"
+    #: Queue discipline: "affinity" (residency's default) or "ollama" (Ollama's FIFO, one load).
+    queue: str = "affinity"
+    #: Affinity's starvation deadline; 0 = the engine's adaptive default (the mean load time).
+    starvation_s: float = 0.0
     #: The keep-alive every request carries (Ollama's default 5 minutes); < 0 forever, 0 none.
     keep_alive_s: float = 300.0
     #: Seconds between a runner's exit and its memory showing free again (driver lag).
@@ -38,15 +45,20 @@ class SimConfig:
     parallel: int = 4
     #: Models one device may hold (Ollama's OLLAMA_MAX_LOADED_MODELS per GPU).
     max_models: int = 3
+    #: Keep the engine's journal of actions (for differential tests).
+    journal: bool = False
 
     def __post_init__(self) -> None:
         if self.recovery_lag_s < 0 or self.parallel < 1 or self.max_models < 1:
             raise ConfigError("sim: need recovery_lag_s ≥ 0, parallel ≥ 1 and max_models ≥ 1")
+        if self.starvation_s < 0:
+            raise ConfigError("sim: starvation_s must be ≥ 0")
 
 
 @dataclass(frozen=True)
 class SimResult:
     policy: str
+    queue: str
     requests: int
     served: int
     rejected: int
@@ -55,10 +67,12 @@ class SimResult:
     #: Models chosen as victims to make room, and models unloaded because their keep-alive ran out.
     evictions: int
     expirations: int
-    #: Requests that got Wait at least once.
+    #: Requests not granted at arrival (they queued).
     waited: int
+    #: Time to first token = queueing + loading + waiting for a slot (service starts).
     ttft_p50_s: float
     ttft_p99_s: float
+    ttft_max_s: float
     ttft_mean_s: float
     #: ∫ bytes of ready models serving no request dt, in GB·s (memory held in vain).
     idle_gb_s: float
@@ -66,217 +80,210 @@ class SimResult:
     resident_gb_s: float
     #: Virtual seconds from the first arrival to the last completion.
     duration_s: float
+    journal: tuple[str, ...] = ()
 
     def row(self) -> dict[str, float | int | str]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "journal"}
 
 
 class _Model:
-    """What the simulator tracks of one model beside the core (the runner's side of things)."""
+    """The simulated runner of one model (what a real runner process would be)."""
 
-    __slots__ = (
-        "busy",
-        "bytes",
-        "idle_since",
-        "key",
-        "load_seconds",
-        "queue",
-        "ready",
-        "refcount",
-        "resident_since",
-    )
+    __slots__ = ("busy", "bytes", "granted", "idle_since", "key", "load_s", "queue", "ready")
 
-    def __init__(self, key: str, nbytes: int, load_seconds: float) -> None:
+    def __init__(self, key: str, nbytes: int, load_s: float) -> None:
         self.key = key
         self.bytes = nbytes
-        self.load_seconds = load_seconds
+        self.load_s = load_s
         self.ready = False
-        self.refcount = 0  # mirrors the core's: requests admitted and not yet done
+        self.granted = 0  # requests granted and not yet done
         self.busy = 0  # requests being served now (≤ parallel)
-        self.queue: deque[int] = deque()  # admitted requests waiting for a slot or the load
-        self.idle_since = -1.0  # ready and refcount 0 since then; -1 otherwise
-        self.resident_since = -1.0  # loading or ready since then; -1 otherwise
+        self.queue: deque[int] = deque()  # granted requests waiting for the load or a slot
+        self.idle_since = -1  # ns; ready with no request since then; -1 otherwise
 
 
-def simulate(trace: Trace, cfg: SimConfig) -> SimResult:
-    """Replays ``trace`` under ``cfg`` and measures the outcome. Deterministic."""
-    rs = ResidentSet([Device("gpu0", trace.budget_bytes, 0, cfg.max_models)], cfg.policy)
-    models = [_Model(m.key, m.bytes, m.load_seconds) for m in trace.models]
-    index = {m.key: i for i, m in enumerate(models)}
-    keep_alive_ns = -1 if cfg.keep_alive_s < 0 else int(cfg.keep_alive_s * NS)
-    lag = cfg.recovery_lag_s
-    times = trace.times.tolist()
-    which = trace.model.tolist()
-    service = trace.service.tolist()
-    n = len(times)
-    start = [0.0] * n  # when each request began being served
+#: Called after every event with the engine, the virtual time, the event ("arrive", "served",
+#: "ready", "gone", "tick"), its request or model index, and the actions (tests check invariants).
+Observer = Callable[[Engine, int, str, int, list[Action]], None]
+_EVENT_NAMES = {0: "served", 1: "gone", 2: "ready", 3: "tick", 4: "arrive"}
 
-    heap: list[tuple[float, int, int, int]] = []  # (time, kind, seq, payload)
-    seq = 0
-    waiting: deque[int] = deque()  # requests that got Wait, in arrival order
-    waited = set()
-    unloading: dict[int, float] = {}  # model → time its memory is back
-    # The earliest expiry an _EXPIRE event is queued for, in the core's ns: checked exactly, since a
-    # float time converted back to ns can fall a nanosecond short of the deadline.
-    expiry_armed = _NO_EXPIRY
 
-    served = rejected = cold_loads = evictions = expirations = 0
-    load_seconds = idle_gb_s = resident_gb_s = 0.0
+def simulate(trace: Trace, cfg: SimConfig, observer: Observer | None = None) -> SimResult:
+    """Replays ``trace`` under ``cfg`` through the engine and measures it. Deterministic."""
+    engine = Engine(
+        [Device("gpu0", trace.budget_bytes, 0, cfg.max_models)],
+        cfg.policy,
+        cfg.queue,
+        max_queue=1 << 31,
+        starvation_ns=int(cfg.starvation_s * NS),
+        journal=cfg.journal,
+    )
+    return _Run(trace, cfg, engine, observer).run()
 
-    def push(t: float, kind: int, payload: int) -> None:
-        nonlocal seq
-        seq += 1
-        heapq.heappush(heap, (t, kind, seq, payload))
 
-    def end_idle(m: _Model, t: float) -> None:
-        nonlocal idle_gb_s
-        if m.idle_since >= 0:
-            idle_gb_s += m.bytes / GB * (t - m.idle_since)
-            m.idle_since = -1.0
+class _Run:
+    def __init__(self, trace: Trace, cfg: SimConfig, engine: Engine, obs: Observer | None) -> None:
+        self.trace, self.cfg, self.engine, self.observer = trace, cfg, engine, obs
+        self.models = [_Model(m.key, m.bytes, m.load_seconds) for m in trace.models]
+        self.index = {m.key: i for i, m in enumerate(self.models)}
+        self.arrivals = [round(t * NS) for t in trace.times.tolist()]
+        self.which = trace.model.tolist()
+        self.service = [round(s * NS) for s in trace.service.tolist()]
+        self.start = [-1] * len(self.arrivals)
+        self.heap: list[tuple[int, int, int, int]] = []
+        self.seq = 0
+        self.gone_at: dict[int, int] = {}  # model → when its memory is back
+        self.resident_since: dict[int, int] = {}
+        self.load_started: dict[int, int] = {}
+        self.tick_armed: int | None = None
+        self.keep_alive = -1 if cfg.keep_alive_s < 0 else int(cfg.keep_alive_s * NS)
+        self.served = self.rejected = self.cold = self.evictions = self.expirations = 0
+        self.waited = 0
+        self.load_s = self.idle = self.resident = 0.0
+        self.now = 0
 
-    def leave(mi: int, t: float) -> None:
-        # The core moved the model to Unloading: its runner stops, its memory returns after the lag.
-        nonlocal resident_gb_s
-        m = models[mi]
-        end_idle(m, t)
-        resident_gb_s += m.bytes / GB * (t - m.resident_since)
-        m.resident_since = -1.0
+    def push(self, t: int, kind: int, payload: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, payload))
+
+    def run(self) -> SimResult:
+        n = len(self.arrivals)
+        for i, t in enumerate(self.arrivals):
+            self.push(t, _ARRIVE, i)
+        engine = self.engine
+        while self.heap and self.served + self.rejected < n:
+            self.now, kind, _, p = heapq.heappop(self.heap)
+            now = self.now
+            if kind == _ARRIVE:
+                m = self.models[self.which[p]]
+                rid = p + 1  # the server numbers its requests from 1
+                actions = engine.arrive(rid, m.key, SHAPE, m.bytes, self.keep_alive, now)
+                if not any(a.kind == ActionKind.GRANT and a.request == rid for a in actions):
+                    self.waited += 1
+            elif kind == _SERVED:
+                m = self.models[self.which[p]]
+                m.busy -= 1
+                m.granted -= 1
+                self.served += 1
+                actions = engine.done(p + 1, now)
+                if self.served + self.rejected == n:
+                    break  # the last request is done: what happens after is not charged
+                if m.granted == 0:
+                    m.idle_since = now
+                self.begin_service(m)
+            elif kind == _READY:
+                m = self.models[p]
+                m.ready = True
+                if m.granted == 0:
+                    m.idle_since = now
+                # As the server measures it: from the Load action to ready (victims' stop included).
+                load_s = (now - self.load_started.pop(p)) / NS
+                actions = engine.ready(m.key, now, load_s)
+                self.begin_service(m)
+            elif kind == _GONE:
+                del self.gone_at[p]
+                actions = engine.gone(self.models[p].key, now)
+            else:  # _TICK
+                if p != self.tick_armed:
+                    continue  # superseded by an earlier one that already ran
+                self.tick_armed = None
+                actions = engine.tick(now)
+            self.execute(actions)
+            self.arm_tick()
+            if self.observer is not None:
+                self.observer(engine, now, _EVENT_NAMES[kind], p, actions)
+        return self.result()
+
+    def execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if a.kind == ActionKind.GRANT:
+                m = self.models[self.index[a.key]]
+                if m.granted == 0:
+                    self.end_idle(m)
+                m.granted += 1
+                m.queue.append(a.request - 1)
+                self.begin_service(m)
+            elif a.kind == ActionKind.LOAD:
+                self.load(self.index[a.key], [self.index[v] for v in a.victims])
+            elif a.kind == ActionKind.STOP:
+                self.stop(self.index[a.key], expired=a.reason == "keep-alive expired")
+            elif a.kind == ActionKind.REJECT:
+                self.rejected += 1
+            else:  # ESTIMATE: the simulator always passes the bytes
+                raise AssertionError(f"unexpected {a!r}")
+
+    def load(self, mi: int, victims: list[int]) -> None:
+        m = self.models[mi]
+        self.cold += 1
+        self.evictions += len(victims)
+        self.load_s += m.load_s
+        self.resident_since[mi] = self.now
+        self.load_started[mi] = self.now
+        # As the server does: the runner starts once its victims have exited and their memory
+        # is back (their Stop actions came first, so their gone times are known).
+        begin = max([self.now, *(self.gone_at[v] for v in victims)])
+        self.push(begin + round(m.load_s * NS), _READY, mi)
+
+    def stop(self, mi: int, *, expired: bool) -> None:
+        m = self.models[mi]
+        self.expirations += expired
+        self.end_idle(m)
+        self.resident += m.bytes / GB * (self.now - self.resident_since.pop(mi)) / NS
         m.ready = False
-        unloading[mi] = t + lag
-        push(t + lag, _UNLOADED, mi)
+        back = self.now + round(self.cfg.recovery_lag_s * NS)
+        self.gone_at[mi] = back
+        self.push(back, _GONE, mi)
 
-    def arm_expiry() -> None:
-        nonlocal expiry_armed
-        nxt = rs.next_expiry()
-        if nxt is not None and nxt < expiry_armed:
-            expiry_armed = nxt
-            push(nxt / NS, _EXPIRE, nxt)
-
-    def begin_service(mi: int, t: float) -> None:
-        m = models[mi]
-        while m.queue and m.busy < cfg.parallel:
+    def begin_service(self, m: _Model) -> None:
+        while m.ready and m.queue and m.busy < self.cfg.parallel:
             r = m.queue.popleft()
             m.busy += 1
-            start[r] = t
-            push(t + service[r], _SERVED, r)
+            self.start[r] = self.now
+            self.push(self.now + self.service[r], _SERVED, r)
 
-    def try_admit(r: int, t: float) -> bool:
-        """False if the request must wait."""
-        nonlocal rejected, cold_loads, evictions, load_seconds
-        mi = which[r]
-        m = models[mi]
-        d = rs.admit(m.key, m.bytes, int(t * NS), keep_alive_ns)
-        outcome = d.outcome
-        if outcome is AdmitOutcome.WAIT:
-            waited.add(r)
-            return False
-        if outcome is AdmitOutcome.TOO_LARGE:
-            rejected += 1
-            return True
-        rs.acquire(m.key, int(t * NS))
-        m.refcount += 1
-        end_idle(m, t)
-        m.queue.append(r)
-        if outcome is AdmitOutcome.HIT:
-            if m.ready:
-                begin_service(mi, t)
-            return True
-        # Load: victims leave now; the load starts once the memory it needs is physically back.
-        for v in d.victims:
-            leave(index[v], t)
-        evictions += len(d.victims)
-        cold_loads += 1
-        load_seconds += m.load_seconds
-        m.resident_since = t
-        begin = t
-        usage = rs.devices()[0]
-        excess = usage.reserved_bytes + usage.unloading_bytes - usage.budget_bytes
-        for back, vi in sorted((tb, vi) for vi, tb in unloading.items()):
-            if excess <= 0:
-                break
-            begin = max(begin, back)
-            excess -= models[vi].bytes
-        push(begin + m.load_seconds, _LOADED, mi)
-        return True
+    def end_idle(self, m: _Model) -> None:
+        if m.idle_since >= 0:
+            self.idle += m.bytes / GB * (self.now - m.idle_since) / NS
+            m.idle_since = -1
 
-    def drain_waiting(t: float) -> None:
-        while waiting and try_admit(waiting[0], t):
-            waiting.popleft()
+    def arm_tick(self) -> None:
+        nxt = self.engine.next_deadline()
+        if nxt is not None and (self.tick_armed is None or nxt < self.tick_armed):
+            self.tick_armed = nxt
+            self.push(nxt, _TICK, nxt)
 
-    i = 0
-    now = 0.0
-    while i < n or heap:
-        if i < n and (not heap or times[i] <= heap[0][0]):
-            now = times[i]
-            # Behind queued loads a new load waits its turn; a resident model serves at once.
-            mi = which[i]
-            if (waiting and models[mi].resident_since < 0) or not try_admit(i, now):
-                waiting.append(i)
-            i += 1
-            continue
-        now, kind, _, payload = heapq.heappop(heap)
-        if kind == _SERVED:
-            mi = which[payload]
-            m = models[mi]
-            m.busy -= 1
-            m.refcount -= 1
-            served += 1
-            rs.release(m.key, int(now * NS))
-            if served + rejected == n:
-                break  # the last request is done: what happens after is not charged
-            begin_service(mi, now)
-            if m.refcount == 0:
-                m.idle_since = now
-                arm_expiry()
-                drain_waiting(now)
-        elif kind == _LOADED:
-            m = models[payload]
-            rs.loaded(m.key, int(now * NS), m.load_seconds)
-            m.ready = True
-            if m.refcount == 0:
-                m.idle_since = now
-                arm_expiry()
-            begin_service(payload, now)
-        elif kind == _UNLOADED:
-            m = models[payload]
-            rs.unloaded(m.key)
-            del unloading[payload]
-            drain_waiting(now)
-        else:  # _EXPIRE
-            if payload != expiry_armed:
-                continue  # superseded by an earlier one that already ran
-            expiry_armed = _NO_EXPIRY
-            for key in rs.expired(payload):
-                rs.begin_unload(key)
-                expirations += 1
-                leave(index[key], now)
-            arm_expiry()
-            drain_waiting(now)
+    def result(self) -> SimResult:
+        end = self.now
+        for m in self.models:
+            self.end_idle(m)
+        for mi, since in self.resident_since.items():
+            self.resident += self.models[mi].bytes / GB * (end - since) / NS
+        starts = np.asarray(self.start, dtype=np.int64)
+        arrivals = np.asarray(self.arrivals, dtype=np.int64)
+        served = starts >= 0
+        ttft = (starts[served] - arrivals[served]) / NS
+        n = len(self.arrivals)
 
-    # Close the books at the last completion.
-    end = now
-    for m in models:
-        end_idle(m, end)
-        if m.resident_since >= 0:
-            resident_gb_s += m.bytes / GB * (end - m.resident_since)
-    ttft = np.asarray([start[r] - times[r] for r in range(n)], dtype=np.float64)
-    admitted = np.ones(n, dtype=bool) if not rejected else None
-    if admitted is None:
-        ttft = ttft[ttft >= 0]
-    return SimResult(
-        policy=cfg.policy,
-        requests=n,
-        served=served,
-        rejected=rejected,
-        cold_loads=cold_loads,
-        load_seconds=load_seconds,
-        evictions=evictions,
-        expirations=expirations,
-        waited=len(waited),
-        ttft_p50_s=float(np.percentile(ttft, 50)) if len(ttft) else 0.0,
-        ttft_p99_s=float(np.percentile(ttft, 99)) if len(ttft) else 0.0,
-        ttft_mean_s=float(ttft.mean()) if len(ttft) else 0.0,
-        idle_gb_s=idle_gb_s,
-        resident_gb_s=resident_gb_s,
-        duration_s=end - (times[0] if n else 0.0),
-    )
+        def pct(q: float) -> float:
+            return float(np.percentile(ttft, q)) if len(ttft) else 0.0
+
+        return SimResult(
+            policy=self.cfg.policy,
+            queue=self.cfg.queue,
+            requests=n,
+            served=self.served,
+            rejected=self.rejected,
+            cold_loads=self.cold,
+            load_seconds=self.load_s,
+            evictions=self.evictions,
+            expirations=self.expirations,
+            waited=self.waited,
+            ttft_p50_s=pct(50),
+            ttft_p99_s=pct(99),
+            ttft_max_s=float(ttft.max()) if len(ttft) else 0.0,
+            ttft_mean_s=float(ttft.mean()) if len(ttft) else 0.0,
+            idle_gb_s=self.idle,
+            resident_gb_s=self.resident,
+            duration_s=(end - (self.arrivals[0] if n else 0)) / NS,
+            journal=tuple(self.engine.journal()),
+        )

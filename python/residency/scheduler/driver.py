@@ -1,0 +1,403 @@
+"""The asyncio driver of the core's scheduling engine: requests in, runners out.
+
+Every decision — who waits, who goes next, what loads where, what is evicted or expires — is the
+engine's (``residency._core.Engine``). This module turns requests and runner events into engine
+events and carries out the actions that come back: grants wake the waiting request, Load and Stop go
+to the executor (processes, memory waits), Estimate reads the model file, Reject fails a request.
+Engine calls happen between awaits, so the event loop needs no lock of its own.
+
+    request → arrive → (queued…) Grant → [wait for the load] → ping if idle → serve → done
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from residency._core import (
+    Action,
+    ActionKind,
+    DeviceUsage,
+    Engine,
+    InvalidStateError,
+    RejectCode,
+    ResidentSet,
+)
+from residency.config import Settings
+from residency.errors import ResidencyError, RunnerError, ServerBusyError
+from residency.keepalive import parse_keep_alive
+from residency.memory import DeviceInfo, MemoryProbe
+from residency.metrics import ResidencyMetrics
+from residency.registry import ModelEntry, Registry
+from residency.scheduler.clock import Clock, MonotonicClock
+from residency.scheduler.devices import discover, engine_devices
+from residency.scheduler.executor import (
+    HOST_DEVICE,
+    Executor,
+    Instance,
+    RunnerFactory,
+    Tasks,
+    copy_error,
+    default_runner,
+)
+from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
+from residency.scheduler.requests import PendingRequest, shape_of
+from residency.scheduler.rows import device_usage, resident_rows
+from residency.scheduler.sizing import Sizing, gib
+from residency.scheduler.timer import KeepAliveTimer
+from residency.watcher import Watcher
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger("residency.scheduler")
+
+#: A runner idle longer than this is pinged before it is handed out (it may have hung meanwhile).
+PING_AFTER_IDLE_NS = 1_000_000_000
+
+
+class Scheduler:
+    """Loads, keeps alive, evicts and recovers models on behalf of concurrent requests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        registry: Registry | None = None,
+        runner_factory: RunnerFactory | None = None,
+        probe: MemoryProbe | None = None,
+        devices: list[DeviceInfo] | None = None,
+        journal: bool = False,
+        metrics: ResidencyMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        #: Loads, evictions and crashes are counted here; its gauges read this scheduler.
+        self.metrics = metrics if metrics is not None else ResidencyMetrics()
+        self.metrics.source = self
+        self._clock: Clock = clock or MonotonicClock()
+        self._registry = registry or Registry.from_settings(settings)
+        self._runner_factory = runner_factory or default_runner
+        self._probe = probe
+        self._device_infos = devices
+        #: Keep the engine's journal of actions (the differential test compares it).
+        self._journal = journal
+        self._sizing = Sizing(settings)
+        self._engine: Engine | None = None
+        self._executor: Executor | None = None
+        self._watcher: Watcher | None = None
+        self._tasks = Tasks()
+        self._requests: dict[int, PendingRequest] = {}
+        self._ids = itertools.count(1)
+        self._timer: KeepAliveTimer | None = None
+        self._timer_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._closed = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Discovers devices, starts the recovery watcher, the keep-alive timer and preloads."""
+        if self._started:
+            return
+        if self._closed:
+            raise InvalidStateError("the scheduler was stopped; create a new one")
+        self._started = True
+        s = self.settings
+        if self._device_infos is None:
+            self._probe, self._device_infos = discover(s)
+        devices, index = engine_devices(s, self._device_infos)
+        self._engine = Engine(
+            devices, s.policy, s.queue, s.max_queue, int(s.starvation_s * 1e9), self._journal
+        )
+        self._watcher = Watcher()
+        self._watcher.start()
+        self._executor = Executor(
+            settings=s,
+            clock=self._clock,
+            probe=self._probe,
+            watcher=self._watcher,
+            device_index=index,
+            runner_factory=self._runner_factory,
+            events=self,
+            tasks=self._tasks,
+            metrics=self.metrics,
+        )
+        for entry in self._registry.entries():
+            self._sizing.keep_alive(entry)  # parsed once, at start-up
+        self._timer = KeepAliveTimer(self._engine, self._clock, self._run)
+        self._timer_task = asyncio.create_task(self._timer.run(), name="residency-keep-alive")
+        for name in s.preload:
+            self._tasks.spawn(self._preload(name), f"preload-{name}")
+
+    async def stop(self) -> None:
+        """Cancels timers and loads, stops every runner group (SIGTERM, deadline, SIGKILL)."""
+        if self._closed:
+            return
+        self._closed = True
+        for req in self._requests.values():
+            if not req.granted.done():
+                req.granted.set_exception(ResidencyError("the scheduler is shutting down"))
+        tasks = [t for t in (self._timer_task, *self._tasks.work) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*list(self._tasks.stoppers), return_exceptions=True)
+        if self._executor is not None:
+            await self._executor.shutdown()
+        if self._watcher is not None:
+            self._watcher.close_loop(asyncio.get_running_loop())  # its eventfd reader
+            self._watcher.stop()
+
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- the API servers use -------------------------------------------------------------------
+    def models(self) -> list[ModelEntry]:
+        return self._registry.entries()
+
+    def resolve(self, name: str) -> ModelEntry:
+        return self._registry.resolve(name)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise InvalidStateError("the scheduler is not started")
+        return self._engine
+
+    @property
+    def core(self) -> ResidentSet:
+        """The core's resident set (read-only use: snapshot, devices, stats)."""
+        return self.engine.resident_set
+
+    def session(
+        self,
+        model: str,
+        *,
+        keep_alive: str | float | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> AbstractAsyncContextManager[Lease]:
+        """``async with scheduler.session("gemma3:270m") as lease:``: a ready runner, one request.
+
+        keep_alive applies on exit (None keeps the model's current value). Raises
+        ModelNotFoundError, ServerBusyError, ModelTooLargeError, RunnerError, InvalidArgumentError.
+        """
+        return self._session(model, keep_alive, options)
+
+    async def load(
+        self,
+        model: str,
+        *,
+        keep_alive: str | float | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Lease:
+        """Makes the model resident without a request; returns the (released) lease's timings."""
+        async with self.session(model, keep_alive=keep_alive, options=options) as lease:
+            return lease
+
+    async def unload(self, model: str) -> None:
+        """Unloads now if idle (returning once the runner exited), else after its last request."""
+        entry = self.resolve(model)
+        if self._engine is None or self._executor is None:
+            return
+        self._run(self._engine.unload(entry.name, self._clock.now_ns()))
+        stopping = self._executor.stopping.get(entry.name)
+        if stopping is not None:
+            await asyncio.shield(stopping[1])
+
+    def device_usage(self) -> list[tuple[DeviceUsage, int | None]]:
+        return [] if self._executor is None else device_usage(self.core, self._executor)
+
+    def resident(self) -> list[ResidentModel]:
+        if self._engine is None or self._executor is None:
+            return []
+        return resident_rows(self._engine, self._executor, self._clock.now_ns())
+
+    # ---- one request ---------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _session(
+        self, model: str, keep_alive: str | float | None, options: Mapping[str, Any] | None
+    ) -> AsyncIterator[Lease]:
+        lease, request_id, ka = await self._acquire(model, keep_alive, options)
+        try:
+            yield lease
+        finally:
+            # Synchronous: a cancelled client cannot interrupt its own release.
+            self._run(self.engine.done(request_id, self._clock.now_ns(), ka))
+
+    async def _acquire(
+        self, model: str, keep_alive: str | float | None, options: Mapping[str, Any] | None
+    ) -> tuple[Lease, int, int | None]:
+        """The lease, the request's id, and its keep_alive parsed (None: keep the model's)."""
+        if not self._started or self._closed:
+            raise InvalidStateError("the scheduler is not running")
+        entry = self.resolve(model)
+        want = self._sizing.options(entry, options)
+        asked = None if keep_alive is None else parse_keep_alive(keep_alive)
+        ka_ns = self._sizing.keep_alive(entry) if asked is None else asked
+        t0 = self._clock.now_ns()
+        for _attempt in range(3):
+            req = self._arrive(entry, want, ka_ns, t0)
+            try:
+                inst, grant = await req.granted
+            except asyncio.CancelledError:
+                self._run(self.engine.cancel(req.id, self._clock.now_ns()))
+                raise
+            finally:
+                self._requests.pop(req.id, None)
+            granted_ns = self._clock.now_ns()
+            try:
+                await inst.ready.wait()
+                if inst.failure is None and grant.idle_for >= PING_AFTER_IDLE_NS:
+                    await self._ping(inst)
+            except asyncio.CancelledError:
+                self._run(self.engine.cancel(req.id, self._clock.now_ns()))
+                raise
+            if inst.failure is not None:
+                if grant.idle_for >= PING_AFTER_IDLE_NS and not grant.joined_load:
+                    continue  # the idle runner was dead or hung: load it again
+                raise copy_error(inst.failure)
+            assert inst.runner is not None
+            now = self._clock.now_ns()
+            # A request that joined a load waited for it: that wait is its load_duration, as in
+            # Ollama, and it counts as cold. One queued behind a busy model reports its queue time.
+            lease = Lease(
+                model=model,
+                entry=entry,
+                cold=grant.joined_load,
+                load_duration_ns=now - t0 if grant.joined_load else 0,
+                queue_duration_ns=granted_ns - t0,
+                ctx=inst.options.ctx,
+                device=inst.device,
+                runner=inst.runner,
+            )
+            return lease, req.id, asked
+        raise RunnerError(f"the runner for {entry.name!r} kept failing its health check")
+
+    def _arrive(self, entry: ModelEntry, want: LoadOptions, ka_ns: int, t0: int) -> PendingRequest:
+        loop = asyncio.get_running_loop()
+        req = PendingRequest(next(self._ids), entry, want, ka_ns, loop.create_future())
+        known = self._sizing.cached(entry, want)
+        if known is not None:
+            req.bytes, req.gpu_layers = known
+        self._requests[req.id] = req
+        now = self._clock.now_ns()
+        self._run(self.engine.arrive(req.id, entry.name, shape_of(want), req.bytes, ka_ns, now))
+        return req
+
+    async def _ping(self, inst: Instance) -> None:
+        """Pings a runner that sat idle before handing it out; a dead one is failed (the engine
+        voids this request's grant and reloads on the retry)."""
+        assert inst.runner is not None
+        assert self._executor is not None
+        ok = not inst.runner.exited and await inst.runner.ping(self.settings.ping_timeout_s)
+        if not ok and inst.failure is None:
+            what = "exited" if inst.runner.exited else "stopped answering its health check"
+            self._executor.runner_died(inst, what)
+
+    # ---- carrying out the engine's actions -----------------------------------------------------
+    def _run(self, actions: list[Action]) -> None:
+        for a in actions:
+            kind = a.kind
+            if kind == ActionKind.GRANT:
+                req = self._requests.get(a.request)
+                if req is not None and not req.granted.done() and self._executor is not None:
+                    req.granted.set_result((self._executor.instances[a.key], a))
+            elif kind == ActionKind.LOAD:
+                self._load(a)
+            elif kind == ActionKind.STOP:
+                assert self._executor is not None
+                self._executor.stop(a.key, a.reason, evicted=a.evicted, cause=a.cause)
+            elif kind == ActionKind.ESTIMATE:
+                req = self._requests[a.request]
+                self._tasks.spawn(self._estimate(req), f"estimate-{a.key}")
+            else:
+                self._reject(a)
+        if self._timer is not None:
+            self._timer.changed()
+
+    def _load(self, a: Action) -> None:
+        assert self._executor is not None
+        req = self._requests[a.request]
+        if req.entry.config.pinned:
+            self.core.set_pinned(a.key, True, self._clock.now_ns())
+        inst = self._executor.create(a.key, req.entry, req.want, a.device, req.gpu_layers)
+        self._executor.load(inst, list(a.victims), a.freed_bytes, a.bytes)
+
+    def _reject(self, a: Action) -> None:
+        req = self._requests.get(a.request)
+        if req is None or req.granted.done():
+            return  # a voided grant: the request sees its runner's failure
+        if a.code == RejectCode.BUSY:
+            req.granted.set_exception(ServerBusyError(a.reason, retry_after_s=1.0))
+        elif a.code == RejectCode.TOO_LARGE:
+            self._tasks.spawn(self._too_large(req, a.reason), f"offload-{a.key}")
+        else:
+            req.granted.set_exception(ResidencyError(a.reason))
+
+    async def _estimate(self, req: PendingRequest) -> None:
+        try:
+            req.bytes, req.gpu_layers = await self._sizing.needed(
+                req.entry, req.want, self._has_gpu()
+            )
+        except Exception as err:
+            self._run(self.engine.cancel(req.id, self._clock.now_ns()))
+            if not req.granted.done():
+                req.granted.set_exception(err)
+            return
+        self._run(self.engine.sized(req.id, req.bytes, self._clock.now_ns()))
+
+    async def _too_large(self, req: PendingRequest, reason: str) -> None:
+        """Fits on no device: retry with the layers that fit on the largest GPU, else fail."""
+        try:
+            budget = max(d.budget_bytes for d in self.core.devices()) if self._has_gpu() else None
+            partial = await self._sizing.partial_offload(
+                req.entry, req.want, req.bytes, req.gpu_layers, budget
+            )
+        except Exception as err:
+            partial = None
+            reason = f"{reason} (partial offload failed: {err})"
+        if req.granted.done():
+            return
+        if partial is None:
+            req.granted.set_exception(req.too_large(reason))
+            return
+        req.bytes, req.gpu_layers = partial
+        now = self._clock.now_ns()
+        shape = shape_of(req.want)
+        self._run(
+            self.engine.arrive(req.id, req.entry.name, shape, req.bytes, req.keep_alive_ns, now)
+        )
+
+    # ---- what the executor reports -------------------------------------------------------------
+    def runner_ready(self, inst: Instance, load_s: float, measured: int | None) -> None:
+        self._run(self.engine.ready(inst.key, self._clock.now_ns(), load_s, measured))
+        r = self.core.reservation(inst.key)
+        if measured is not None and r is not None and not r.measured:
+            log.warning("%s measured %s, more than its device holds beside the others; keeping "
+                        "the estimate %s", inst.key, gib(measured), gib(r.bytes))  # fmt: skip
+
+    def runner_gone(self, key: str) -> None:
+        if not self._closed:
+            self._run(self.engine.gone(key, self._clock.now_ns()))
+
+    def runner_failed(self, inst: Instance, reason: str) -> None:
+        if not self._closed:
+            self._run(self.engine.failed(inst.key, reason, self._clock.now_ns()))
+
+    async def _preload(self, name: str) -> None:
+        try:
+            lease = await self.load(name)
+            log.info("preloaded %s in %.2f s", name, lease.load_duration_ns / 1e9)
+        except ResidencyError as err:
+            log.error("preloading %s failed: %s", name, err)
+
+    def _has_gpu(self) -> bool:
+        return any(d.id != HOST_DEVICE for d in self.core.devices())

@@ -1,0 +1,98 @@
+"""What the scheduler hands out: a lease on a ready runner, the options it was loaded with, and
+the rows of /api/ps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from residency.errors import RunnerError
+from residency.registry import ModelEntry
+from residency.runners import Runner
+from residency.runners.http import RunnerClient
+from residency.runners.protocol import RunnerApi
+
+__all__ = ["Lease", "LoadOptions", "ResidentModel"]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The options that decide a runner's memory; a runner serves any request it satisfies."""
+
+    ctx: int
+    parallel: int
+    kv_type: str
+    gpu_layers: int | Literal["auto"]
+
+    def satisfies(self, want: LoadOptions) -> bool:
+        """A larger context or more slots serve smaller requests without a reload."""
+        return (
+            self.ctx >= want.ctx
+            and self.parallel >= want.parallel
+            and self.kv_type == want.kv_type
+            and want.gpu_layers in ("auto", self.gpu_layers)
+        )
+
+
+@dataclass
+class Lease:
+    """A ready runner, held for one request: it cannot be evicted or expire until released."""
+
+    model: str
+    entry: ModelEntry
+    #: The request loaded its model or joined a load under way (it waited for the load).
+    cold: bool
+    #: A cold request's whole wait (queueing + eviction + recovery + start), as Ollama counts it.
+    load_duration_ns: int
+    #: How long the request waited for its grant (behind a busy model or other loads).
+    queue_duration_ns: int
+    ctx: int
+    device: str
+    runner: Runner = field(repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return self.runner.base_url
+
+    @property
+    def client(self) -> RunnerClient:
+        """Pooled and shared by every request to this runner: reuse it, never create one."""
+        return self.runner.client
+
+    @property
+    def api(self) -> RunnerApi:
+        """The runner's protocol: what the API layer uses (never the process or its socket)."""
+        return self.runner.api
+
+    def output_tail(self, lines: int = 40) -> str:
+        """The runner's last output lines, for error messages."""
+        return self.runner.output_tail(lines)
+
+    @property
+    def alive(self) -> bool:
+        return not self.runner.exited
+
+    def error(self, what: str) -> RunnerError:
+        """A RunnerError for a failed proxied request, saying whether the runner died."""
+        if self.runner.exited:
+            what = f"{what}; the runner exited ({self.runner.exit_description()})"
+        return self.runner.error(what)
+
+
+@dataclass(frozen=True)
+class ResidentModel:
+    """One row of /api/ps."""
+
+    name: str
+    entry: ModelEntry
+    device: str
+    state: str
+    #: Bytes reserved (the measurement once the runner reported one, else the estimate).
+    bytes: int
+    estimated_bytes: int
+    measured_bytes: int | None
+    size_vram: int
+    expires_at: datetime | None
+    context_length: int
+    refcount: int

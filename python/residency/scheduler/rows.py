@@ -1,0 +1,47 @@
+"""The rows of /api/ps: the core's reservations, with the entry and context each runner serves."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from residency._core import DeviceUsage, Engine, ResidentSet
+from residency.scheduler.executor import HOST_DEVICE, Executor
+from residency.scheduler.lease import ResidentModel
+
+#: The core's "never" (INT64_MAX) and anything near it: no expiry to show.
+_FOREVER = 2**63 - 1
+
+
+def resident_rows(engine: Engine, executor: Executor, now_ns: int) -> list[ResidentModel]:
+    wall = datetime.now(timezone.utc)
+    rows = []
+    for r in engine.resident_set.snapshot():
+        inst = executor.instances.get(r.key)
+        if inst is None and r.key in executor.stopping:
+            inst = executor.stopping[r.key][0]
+        if inst is None:
+            continue
+        expires = r.expires_at
+        rows.append(
+            ResidentModel(
+                name=r.key,
+                entry=inst.entry,
+                device=r.device,
+                state=r.state.name.lower(),
+                bytes=r.bytes,
+                estimated_bytes=r.estimated_bytes,
+                measured_bytes=r.bytes if r.measured else None,
+                size_vram=0 if r.device == HOST_DEVICE else r.bytes,
+                expires_at=None
+                if expires is None or expires >= _FOREVER
+                else wall + timedelta(microseconds=(expires - now_ns) / 1000),
+                context_length=inst.options.ctx,
+                refcount=r.refcount,
+            )
+        )
+    return rows
+
+
+def device_usage(core: ResidentSet, executor: Executor) -> list[tuple[DeviceUsage, int | None]]:
+    """Each device's accounting in the core, with the free bytes its probe reports now."""
+    return [(d, executor.free(executor.device_index_of(d.id))) for d in core.devices()]
