@@ -407,16 +407,18 @@ class Served:
 
 @asynccontextmanager
 async def serving(
-    runner: FakeRunner | None = None, names: Sequence[str] = ("gemma3:270m",)
+    runner: FakeRunner | None = None,
+    names: Sequence[str] = ("gemma3:270m",),
+    settings: Settings | None = None,
 ) -> AsyncIterator[Served]:
     """The app over a FakeScheduler, lifespan run, and an httpx client bound to it in-process."""
     runner = runner or FakeRunner()
     sched = FakeScheduler(runner, names)
-    app = create_app(Settings(), scheduler=sched)
+    app = create_app(settings or Settings(), scheduler=sched)
     async with app.router.lifespan_context(app):
         assert sched.started
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://residency") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             yield Served(client, sched, runner, app)
     assert sched.stopped
 

@@ -36,6 +36,7 @@ EXPECTED_ROUTES = {
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
     ("GET", "/metrics"),
+    ("GET", "/health"),
 }
 
 

@@ -272,7 +272,7 @@ async def test_disconnect_mid_stream_stops_reading_and_releases(
         assert runner.tokens_sent == sent_at_disconnect < 100  # nobody reads the runner any more
         registry = app.state.residency.metrics.registry
         api = (path.split("/")[1] == "v1" and "openai") or "ollama"
-        labels = {"api": api, "endpoint": path, "status": "disconnected"}
+        labels = {"api": api, "endpoint": path, "status": "499"}
         assert registry.get_sample_value("residency_http_requests_total", labels) == 1
         assert registry.get_sample_value("residency_http_requests_in_flight") == 0
 

@@ -453,7 +453,7 @@ def test_openapi_schema_is_served(server: Server) -> None:
 def test_an_idle_connection_is_kept_past_uvicorns_default(server: Server) -> None:
     """Idle client connections stay open for a minute (uvicorn's default is 5 s): a client that
     reuses one just as the server closes it gets a reset instead of an answer."""
-    request = b"GET /api/version HTTP/1.1\r\nhost: residency\r\n\r\n"
+    request = b"GET /api/version HTTP/1.1\r\nhost: localhost\r\n\r\n"
     port = int(server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         answers = []

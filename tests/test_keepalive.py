@@ -44,3 +44,9 @@ def test_format() -> None:
     assert format_keep_alive(0) == "0s"
     assert format_keep_alive(5400 * S) == "1h30m0s"
     assert format_keep_alive(1_500_000_000) == "1.5s"
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999h", "1e30", 1e30, "876000h1s"])
+def test_a_duration_beyond_a_century_means_forever(value: str | float) -> None:
+    # Never an overflow of the core's int64 nanoseconds: the TOML and OLLAMA_KEEP_ALIVE paths too.
+    assert parse_keep_alive(value) == KEEP_FOREVER

@@ -104,9 +104,13 @@ def test_a_missing_library_is_unavailable_and_named(opener: object, lib: str) ->
     assert lib in str(err.value)
 
 
-def test_auto_picks_the_first_usable_backend_and_says_why_it_skipped_others() -> None:
+def test_auto_picks_the_first_usable_backend_and_says_why_it_skipped_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     probe, notes = select_probe("auto")
-    order = ["cuda", "nvml", "host"]
+    order = ["nvml", "cuda", "host"]  # nvml first: no CUDA context in residency's process
     assert probe.backend in order
     skipped = order[: order.index(probe.backend)]
     assert [n.split(" ", 1)[0] for n in notes] == skipped

@@ -78,7 +78,7 @@ async def test_metrics_endpoint_serves_the_schedulers_registry(tmp_path: Path) -
     app = create_app(s.settings, scheduler=s)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             r = await client.post("/api/generate", json={"model": "a", "prompt": "hi"})
             assert r.status_code == 200, r.text
             text = (await client.get("/metrics")).text

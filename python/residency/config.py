@@ -30,10 +30,11 @@ from pydantic_settings import (
 )
 
 from residency.config_file import read_toml
+from residency.config_security import ApiKeyConfig, SecuritySettings
 from residency.errors import ConfigError, InvalidArgumentError
 from residency.keepalive import parse_keep_alive
 
-__all__ = ["ModelConfig", "RunnerKind", "Settings", "load_settings"]
+__all__ = ["ApiKeyConfig", "ModelConfig", "RunnerKind", "Settings", "load_settings"]
 
 RunnerKind = Literal["auto", "llama-server", "llama-cpp-python", "command"]
 
@@ -131,7 +132,7 @@ class ModelConfig(BaseModel):
         return self
 
 
-class Settings(BaseSettings):
+class Settings(SecuritySettings):
     """Everything residency is configured with. See ``load_settings`` for where values come from."""
 
     model_config = SettingsConfigDict(

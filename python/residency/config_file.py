@@ -29,7 +29,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
     base = path.parent
     # Paths in the file are relative to the file, not to wherever the server was started.
-    for key in ("models_dir", "simulated_device", "ollama_models", "hf_cache"):
+    for key in ("models_dir", "simulated_device", "ollama_models", "hf_cache", "api_keys_file"):
         if isinstance(data.get(key), str):
             data[key] = str(_relative_to(base, data[key]))
     models = data.get("models")

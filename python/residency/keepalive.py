@@ -60,16 +60,20 @@ def parse_keep_alive(value: str | float | None, default_ns: int = 5 * 60 * 1_000
         raise InvalidArgumentError(
             f"keep_alive {value!r} is not a duration (use e.g. '5m', '1h30m', '300', '-1', '0')"
         )
-    return KEEP_FOREVER if sign < 0 and total > 0 else int(total)
+    if sign < 0 and total > 0:
+        return KEEP_FOREVER
+    return _seconds_to_ns(total / 1e9, value)
+
+
+#: A century is forever for a process (and anything longer would overflow the core's int64).
+_FOREVER_AFTER_S = 100 * 365 * 24 * 3600
 
 
 def _seconds_to_ns(seconds: float, original: object) -> int:
-    if math.isnan(seconds) or (math.isinf(seconds) and seconds > 0):
-        raise InvalidArgumentError(f"keep_alive {original!r} is not a finite duration")
-    if seconds < 0:
+    if math.isnan(seconds):
+        raise InvalidArgumentError(f"keep_alive {original!r} is not a duration")
+    if seconds < 0 or seconds > _FOREVER_AFTER_S:  # +inf included
         return KEEP_FOREVER
-    if seconds > 100 * 365 * 24 * 3600:
-        return KEEP_FOREVER  # a century is forever for a process
     return int(seconds * 1_000_000_000)
 
 

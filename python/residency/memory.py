@@ -14,7 +14,10 @@ Backends:
 - ``host`` — MemTotal/MemAvailable from ``/proc/meminfo``: the device when no GPU is found.
 - ``simulated`` — a :class:`SimulatedDevice` file, the test double of a GPU.
 
-``auto`` tries cuda (a GPU and libcudart present), then nvml, then host.
+``auto`` tries nvml first when its numbering is the one runners will use (no
+``CUDA_VISIBLE_DEVICES`` list, ``CUDA_DEVICE_ORDER`` unset or ``PCI_BUS_ID``) so residency's own
+process holds no CUDA context; else cuda (which numbers GPUs as CUDA does, inside the list), then
+host. Either way :func:`runner_gpu_environment` tells a runner which physical GPU is its own.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,10 +60,12 @@ __all__ = [
     "cudart_candidates",
     "discover_devices",
     "nvml_candidates",
+    "nvml_numbering_matches",
     "open_cuda_probe",
     "open_host_probe",
     "open_nvml_probe",
     "open_probe",
+    "runner_gpu_environment",
     "select_probe",
 ]
 
@@ -127,16 +133,56 @@ def select_probe(
     if backend == "host":
         return open_host_probe(), []
     notes: list[str] = []
-    for name, opener, candidates in (
-        ("cuda", open_cuda_probe, cudart_candidates),
-        ("nvml", open_nvml_probe, nvml_candidates),
-    ):
+    cuda = ("cuda", open_cuda_probe, cudart_candidates)
+    nvml = ("nvml", open_nvml_probe, nvml_candidates)
+    order = [cuda]
+    if nvml_numbering_matches(os.environ):
+        order.insert(0, nvml)
+    else:
+        notes.append("nvml skipped: CUDA_VISIBLE_DEVICES/CUDA_DEVICE_ORDER renumber the GPUs")
+    _pci_order_unless_listed(os.environ)
+    for name, opener, candidates in order:
         try:
             return opener(candidates()), notes
         except ProbeUnavailableError as e:
             notes.append(str(e))
             log.debug("%s probe skipped: %s", name, e)
     return open_host_probe(), notes
+
+
+def nvml_numbering_matches(env: Mapping[str, str]) -> bool:
+    """Whether NVML's device indices (all GPUs, PCI bus order) are CUDA's in this process."""
+    listed = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return not listed and env.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID") == "PCI_BUS_ID"
+
+
+def _pci_order_unless_listed(env: MutableMapping[str, str]) -> None:
+    # Without a list, number GPUs by PCI bus here as in the runners (and as NVML does); with a
+    # list, its entries mean what the user's CUDA_DEVICE_ORDER says, so that stays as it is.
+    if not env.get("CUDA_VISIBLE_DEVICES", "").strip():
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+
+
+def runner_gpu_environment(index: int, parent: Mapping[str, str]) -> dict[str, str]:
+    """What a runner's environment needs for it to use GPU `index` (as residency's probe numbers
+    it) and only that GPU.
+
+    Under a ``CUDA_VISIBLE_DEVICES`` list residency's indices are positions in the list, so the
+    runner gets the list's entry (a number or a GPU UUID), which means the same GPU to it as to
+    residency (same ``CUDA_DEVICE_ORDER``, inherited). Without a list indices are PCI bus order,
+    and the runner is told to number GPUs that way too.
+    """
+    listed = [d.strip() for d in parent.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if listed:
+        if index >= len(listed):
+            raise ConfigError(
+                f"GPU {index} is not in CUDA_VISIBLE_DEVICES={parent['CUDA_VISIBLE_DEVICES']}"
+            )
+        return {"CUDA_VISIBLE_DEVICES": listed[index]}
+    return {
+        "CUDA_VISIBLE_DEVICES": str(index),
+        "CUDA_DEVICE_ORDER": parent.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+    }
 
 
 def open_probe(

@@ -67,7 +67,7 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
     import uvicorn
 
     from residency.api import create_app
-    from residency.api.protocol import HttpProtocol
+    from residency.api.protocol import protocol_with
     from residency.runners.defaults import start_build_if_missing
     from residency.scheduler import Scheduler
 
@@ -85,7 +85,8 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
         log_level=log_level,
         access_log=False,  # residency.access logs one richer line per request
         lifespan="on",
-        http=HttpProtocol,  # httptools, each response's head and body in one write
+        # httptools, each response's head and body in one write; slow headers cut off
+        http=protocol_with(settings.header_timeout_s),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         timeout_keep_alive=IDLE_CONNECTION_S,
         server_header=False,

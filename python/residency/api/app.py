@@ -22,6 +22,7 @@ from residency import __version__
 from residency.api import ollama, openai
 from residency.api._types import SchedulerLike
 from residency.api.errors import error_for, install_exception_handlers
+from residency.api.proxy import json_response
 from residency.api.schemas import (
     ChatRequest,
     EmbeddingsRequest,
@@ -32,6 +33,7 @@ from residency.api.schemas import (
     OpenAIEmbeddingRequest,
     ShowRequest,
 )
+from residency.api.security import Guard, load_keys, warn_if_exposed, with_cors
 from residency.api.state import DIRECT_ENDPOINTS, ApiState, DirectEndpoint, State
 from residency.config import Settings
 from residency.metrics import CONTENT_TYPE
@@ -64,6 +66,8 @@ class ResidencyApp(FastAPI):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._direct: dict[tuple[str, str], DirectEndpoint] = {}
+        #: Keys, origins and Host checks (security.Guard); set by the lifespan.
+        self.guard: Guard | None = None
 
     def include_router(self, router: APIRouter, *args: Any, **kwargs: Any) -> None:
         """FastAPI's, noting the routes whose endpoints are marked with ``state.direct``."""
@@ -80,6 +84,10 @@ class ResidencyApp(FastAPI):
         return set(self._direct)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.guard is not None:
+            if not await self.guard(scope, receive, send):
+                return
+            send = with_cors(scope, send)
         endpoint = (
             self._direct.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
         )
@@ -107,8 +115,10 @@ def create_app(
     embedding; either way the lifespan starts it and stops it.
     """
 
+    keys = load_keys(settings)  # a bad key file fails here, before the port is bound
+
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: ResidencyApp) -> AsyncIterator[None]:
         if scheduler is not None:
             sched = scheduler
         elif scheduler_factory is not None:
@@ -118,13 +128,15 @@ def create_app(
 
             sched = Scheduler(settings)
         app.state.residency = ApiState(settings=settings, scheduler=sched)
+        app.guard = Guard(settings, keys, sched.metrics)
+        warn_if_exposed(settings, keys)
         await sched.start()
         try:
             yield
         finally:
             await sched.stop()
 
-    app = ResidencyApp(
+    app: ResidencyApp = ResidencyApp(
         title="residency",
         version=__version__,
         summary="Ollama- and OpenAI-compatible server that keeps the right models resident.",
@@ -140,6 +152,11 @@ def create_app(
     async def metrics(state: State) -> Response:
         """Prometheus text format: requests, loads, evictions, crashes, devices and models."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/health", tags=["residency"])
+    async def health(state: State) -> Response:
+        """Liveness: the server answers. (Scheduler and runner checks come with the watchdog.)"""
+        return json_response({"status": "ok", "models_loaded": len(state.scheduler.resident())})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from residency.errors import (
@@ -39,6 +40,7 @@ __all__ = [
     "error_response",
     "install_exception_handlers",
     "is_openai_path",
+    "short",
 ]
 
 log = logging.getLogger("residency.api")
@@ -76,6 +78,16 @@ class ApiError(Exception):
         return "server_error"
 
 
+def short(text: str, limit: int = 80) -> str:
+    """`text` as it may appear in an answer or a log line: at most `limit` characters, printable."""
+    cut = text if len(text) <= limit else text[:limit] + f"…({len(text)} chars)"
+    return cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")
+
+
+#: Longest error message sent or logged: a client's 100 KB name is never echoed back whole.
+MAX_MESSAGE_CHARS = 1000
+
+
 def describe_validation(errors: list[Any]) -> str:
     """One line naming every bad field: ``messages.0.role: Field required; stream: …``."""
     parts = []
@@ -90,9 +102,19 @@ def describe_validation(errors: list[Any]) -> str:
 
 
 def api_error(exc: BaseException) -> ApiError:
-    """The status and message for any exception a request can raise."""
+    """The status and message for any exception a request can raise (at most
+    MAX_MESSAGE_CHARS of it)."""
+    err = _api_error(exc)
+    if len(err.message) > MAX_MESSAGE_CHARS:
+        err.message = short(err.message, MAX_MESSAGE_CHARS)
+    return err
+
+
+def _api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ClientDisconnect):
+        return ApiError(499, "client disconnected", code="client_disconnected")
     if isinstance(exc, ClientDisconnected):
         # Nobody reads this answer; 499 (nginx's "client closed request") is for logs and metrics.
         return ApiError(499, "client disconnected", code="client_disconnected")

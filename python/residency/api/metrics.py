@@ -10,12 +10,15 @@ import logging
 import time
 
 from residency.api._types import LeaseLike
-from residency.api.errors import ClientDisconnected, api_error
+from residency.api.errors import ClientDisconnected, api_error, short
 from residency.metrics import ResidencyMetrics
 
 __all__ = ["RequestRecord"]
 
 access_log = logging.getLogger("residency.access")
+
+#: The status of a request whose client went away before its answer (nginx's 499).
+CLIENT_CLOSED = 499
 
 
 class RequestRecord:
@@ -28,6 +31,7 @@ class RequestRecord:
         "endpoint",
         "error",
         "finished",
+        "key",
         "leased",
         "load_ns",
         "model",
@@ -53,6 +57,8 @@ class RequestRecord:
         self.error = ""
         self.total_ns = 0
         self.finished = False
+        #: The name of the API key the request authenticated with ("" without keys).
+        self.key = ""
         metrics.in_flight.inc()
 
     def took(self, lease: LeaseLike) -> None:
@@ -69,7 +75,7 @@ class RequestRecord:
     def fail(self, err: BaseException) -> None:
         """Ends the record for a request that raised before (or instead of) answering."""
         if isinstance(err, ClientDisconnected | asyncio.CancelledError):
-            self.finish("disconnected")
+            self.finish(CLIENT_CLOSED)
         else:
             e = api_error(err)
             self.finish(e.status, e.message)
@@ -77,7 +83,7 @@ class RequestRecord:
     def end_stream(self, error: BaseException | None) -> None:
         """Ends the record of a stream: clean, cut by the client, or ended by an error line."""
         if isinstance(error, ClientDisconnected):
-            self.finish("disconnected")
+            self.finish(CLIENT_CLOSED)
         elif error is not None or self.error:
             self.finish("stream_error", self.error or str(error))
         else:
@@ -95,7 +101,7 @@ class RequestRecord:
             fields = {
                 "api": self.api,
                 "endpoint": self.endpoint,
-                "model": self.model or "-",
+                "model": short(self.model) if self.model else "-",
                 "status": status,
                 "stream": self.stream,
                 "cold": self.cold,
@@ -103,6 +109,8 @@ class RequestRecord:
                 "queue_ms": round(self.queue_ns / 1e6, 3),
                 "total_ms": round(self.total_ns / 1e6, 3),
             }
+            if self.key:
+                fields["key"] = self.key
             if error:
                 fields["error"] = error.splitlines()[0][:200] if error else ""
             access_log.info(

@@ -18,9 +18,10 @@ from starlette.responses import PlainTextResponse, Response
 from residency import __version__
 from residency.api._types import EntryLike, LeaseLike, ResidentLike
 from residency.api.errors import ApiError
+from residency.api.limits import check_model_name, parse_body, read_body
 from residency.api.metrics import RequestRecord
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
-from residency.api.proxy import json_response, now_ns, read_body
+from residency.api.proxy import json_response, now_ns
 from residency.api.schemas import (
     ChatRequest,
     EmbeddingsRequest,
@@ -28,6 +29,7 @@ from residency.api.schemas import (
     GenerateRequest,
     ShowRequest,
 )
+from residency.api.security import key_allows
 from residency.api.state import State, api_state, body_schema
 from residency.api.translate import (
     Generation,
@@ -57,7 +59,7 @@ _FOREVER_NS = 2**63 - 1
 @endpoint("ollama", "/api/generate")
 async def generate(call: Call) -> Response:
     """Completes a prompt (templated as a chat turn unless ``raw``)."""
-    req = GenerateRequest.model_validate_json(await call.body())
+    req = await call.parse(GenerateRequest)
     if not req.prompt and not req.images and not req.suffix:
         return await _load_or_unload(call, req, chat=False)
     path, body = generate_body(req, req.model)
@@ -68,7 +70,7 @@ async def generate(call: Call) -> Response:
 @endpoint("ollama", "/api/chat")
 async def chat(call: Call) -> Response:
     """The next assistant message of a conversation."""
-    req = ChatRequest.model_validate_json(await call.body())
+    req = await call.parse(ChatRequest)
     if not req.messages:
         return await _load_or_unload(call, req, chat=True)
     body = chat_body(req, req.model)
@@ -105,7 +107,13 @@ async def _generation(
     chat: bool,
 ) -> Response:
     stream = req.stream is not False
-    call.admit(req.model, req.keep_alive, split_options(req.options)[1], stream=stream)
+    call.admit(
+        req.model,
+        req.keep_alive,
+        split_options(req.options)[1],
+        stream=stream,
+        work=_work(req),
+    )
     asked = req.model
     rec = call.rec
 
@@ -165,6 +173,17 @@ async def _generation(
     )
 
 
+def _work(req: GenerateRequest | ChatRequest) -> dict[str, Any]:
+    """What limits.check_work needs to know of a generation request."""
+    options = req.options or {}
+    if isinstance(req, ChatRequest):
+        messages = req.messages or []
+        chars = sum(len(m.content or "") for m in messages)
+        return {"options": options, "messages": len(messages), "prompt_chars": chars}
+    chars = len(req.prompt or "") + len(req.system or "") + len(req.suffix or "")
+    return {"options": options, "prompt_chars": chars}
+
+
 def _final(
     asked: str,
     gen: Generation,
@@ -200,7 +219,7 @@ def _final(
 @endpoint("ollama", "/api/embed")
 async def embed(call: Call) -> Response:
     """Embeddings for one text or many, L2-normalised as Ollama returns them."""
-    req = EmbedRequest.model_validate_json(await call.body())
+    req = await call.parse(EmbedRequest)
     call.admit(req.model, req.keep_alive, split_options(req.options)[1])
     inputs = [req.input] if isinstance(req.input, str) else list(req.input)
     inputs = [text for text in inputs if text]
@@ -221,7 +240,7 @@ async def embed(call: Call) -> Response:
 @endpoint("ollama", "/api/embeddings")
 async def embeddings(call: Call) -> Response:
     """The legacy single-text endpoint: ``{"embedding": [...]}``, not normalised."""
-    req = EmbeddingsRequest.model_validate_json(await call.body())
+    req = await call.parse(EmbeddingsRequest)
     call.admit(req.model, req.keep_alive, split_options(req.options)[1])
     if not req.prompt:  # only load the model
         await call.load()
@@ -298,8 +317,8 @@ async def ps(state: State) -> Response:
 
 
 @router.get("/api/tags")
-async def tags(state: State) -> Response:
-    """Every model clients may ask for."""
+async def tags(request: Request, state: State) -> Response:
+    """Every model clients may ask for (with a key: those the key may use)."""
     return json_response(
         {
             "models": [
@@ -312,6 +331,7 @@ async def tags(state: State) -> Response:
                     "details": ollama_details(e),
                 }
                 for e in state.scheduler.models()
+                if key_allows(request.scope, e.name)
             ]
         }
     )
@@ -321,8 +341,11 @@ async def tags(state: State) -> Response:
 async def show(request: Request) -> Response:
     """A model's details, GGUF metadata (``model_info``), template and parameters."""
     state = api_state(request)
-    req = ShowRequest.model_validate_json(await read_body(request))
+    req = parse_body(ShowRequest, await read_body(request, state.settings), state.settings)
+    check_model_name(req.model_name)
     entry = state.scheduler.resolve(req.model_name)
+    if not key_allows(request.scope, entry.name):
+        raise ApiError(403, f"this API key may not use model {entry.name!r}")
     info: dict[str, Any] = {}
     template = ""
     if entry.details.get("format") == "gguf":

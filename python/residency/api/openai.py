@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic_core import from_json, to_json
 from starlette.responses import Response
 
 from residency.api._types import LeaseLike
-from residency.api.errors import error_body
+from residency.api.errors import ApiError, error_body
+from residency.api.limits import check_model_name
 from residency.api.pipeline import Call, endpoint, shaped_embeddings
 from residency.api.proxy import json_response
 from residency.api.schemas import (
@@ -26,6 +27,7 @@ from residency.api.schemas import (
     OpenAIEmbeddingRequest,
     _OpenAIBase,
 )
+from residency.api.security import key_allows
 from residency.api.state import State, body_schema
 from residency.runners.protocol import Body
 
@@ -44,7 +46,7 @@ _DONE = b"data: [DONE]\n\n"
 @endpoint("openai", "/v1/chat/completions")
 async def chat_completions(call: Call) -> Response:
     raw = await call.body()
-    req = OpenAIChatRequest.model_validate_json(raw)
+    req = await call.parse(OpenAIChatRequest, raw)
     return await _forward(call, req, path="/v1/chat/completions", raw=raw, stream=req.stream)
 
 
@@ -52,7 +54,7 @@ async def chat_completions(call: Call) -> Response:
 @endpoint("openai", "/v1/completions")
 async def completions(call: Call) -> Response:
     raw = await call.body()
-    req = OpenAICompletionRequest.model_validate_json(raw)
+    req = await call.parse(OpenAICompletionRequest, raw)
     return await _forward(call, req, path="/v1/completions", raw=raw, stream=req.stream)
 
 
@@ -60,7 +62,7 @@ async def completions(call: Call) -> Response:
 @endpoint("openai", "/v1/embeddings")
 async def embeddings(call: Call) -> Response:
     raw = await call.body()
-    req = OpenAIEmbeddingRequest.model_validate_json(raw)
+    req = await call.parse(OpenAIEmbeddingRequest, raw)
     call.admit(req.model, req.keep_alive, _load_options(req))
     result, _ = await call.embed(_runner_body(req, raw, _EXTENSIONS_B64))
     data = result.data
@@ -78,15 +80,18 @@ async def embeddings(call: Call) -> Response:
 
 
 @router.get("/models")
-async def list_models(state: State) -> Response:
-    return json_response(
-        {"object": "list", "data": [_model_card(e) for e in state.scheduler.models()]}
-    )
+async def list_models(request: Request, state: State) -> Response:
+    cards = [_model_card(e) for e in state.scheduler.models() if key_allows(request.scope, e.name)]
+    return json_response({"object": "list", "data": cards})
 
 
 @router.get("/models/{model:path}")
-async def get_model(model: str, state: State) -> Response:
-    return json_response(_model_card(state.scheduler.resolve(model), model))
+async def get_model(model: str, request: Request, state: State) -> Response:
+    check_model_name(model)
+    entry = state.scheduler.resolve(model)
+    if not key_allows(request.scope, entry.name):
+        raise ApiError(403, f"this API key may not use model {entry.name!r}")
+    return json_response(_model_card(entry, model))
 
 
 def _model_card(entry: Any, name: str | None = None) -> dict[str, Any]:
@@ -117,6 +122,22 @@ def _load_options(req: _OpenAIBase) -> dict[str, Any] | None:
     return {"num_ctx": req.num_ctx} if req.num_ctx else None
 
 
+def _work(req: _OpenAIBase) -> dict[str, Any]:
+    """What limits.check_work needs to know of a generation request."""
+    fields = {k: getattr(req, k, None) for k in ("n", "max_tokens", "max_completion_tokens")}
+    fields["num_ctx"] = req.num_ctx
+    work: dict[str, Any] = {"body": {k: v for k, v in fields.items() if v is not None}}
+    if isinstance(req, OpenAIChatRequest):
+        work["messages"] = len(req.messages)
+        work["prompt_chars"] = sum(
+            len(m.content) if isinstance(m.content, str) else len(str(m.content or ""))
+            for m in req.messages
+        )
+    elif isinstance(prompt := getattr(req, "prompt", None), str):
+        work["prompt_chars"] = len(prompt)
+    return work
+
+
 def _rename(content: bytes, asked: str) -> bytes:
     """The runner's answer with the model name the client asked for."""
     # The usual case, without a parse: the first "model" key (the top-level one in the runners'
@@ -134,7 +155,7 @@ def _rename(content: bytes, asked: str) -> bytes:
 async def _forward(
     call: Call, req: _OpenAIBase, *, path: str, raw: bytes, stream: bool
 ) -> Response:
-    call.admit(req.model, req.keep_alive, _load_options(req), stream=stream)
+    call.admit(req.model, req.keep_alive, _load_options(req), stream=stream, work=_work(req))
     asked = req.model
     body = _runner_body(req, raw, _EXTENSIONS)
     if not stream:

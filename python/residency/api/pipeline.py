@@ -14,19 +14,29 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from residency.api._types import LeaseLike
 from residency.api.errors import ApiError, api_error
+from residency.api.limits import (
+    check_keep_alive,
+    check_model_name,
+    check_work,
+    parse_body,
+    read_body,
+)
 from residency.api.metrics import RequestRecord
-from residency.api.proxy import LeasedStream, json_response, now_ns, read_body, until_disconnected
-from residency.api.state import ApiState, DirectEndpoint, api_state, check_keep_alive, direct
+from residency.api.proxy import LeasedStream, json_response, now_ns, until_disconnected
+from residency.api.security import SCOPE_KEY, ApiKey
+from residency.api.state import ApiState, DirectEndpoint, api_state, direct
 from residency.runners.protocol import Body, Embeddings, Event, EventStream
 
 __all__ = ["Call", "Upstream", "endpoint", "shaped_embeddings"]
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 KeepAlive = str | float | None
 Options = Mapping[str, Any] | None
 
@@ -67,17 +77,45 @@ class Call:
         self.options: Options = None
 
     async def body(self) -> bytes:
-        return await read_body(self.request)
+        """The request's body, bounded in size and in time (see limits.read_body)."""
+        return await read_body(self.request, self.state.settings)
+
+    async def parse(self, model: type[M], body: bytes | None = None) -> M:
+        """The body (read if not given) validated as `model`, off the loop when large."""
+        raw = body if body is not None else await self.body()
+        return parse_body(model, raw, self.state.settings)
 
     def admit(
-        self, model: str, keep_alive: KeepAlive, options: Options = None, *, stream: bool = False
+        self,
+        model: str,
+        keep_alive: KeepAlive,
+        options: Options = None,
+        *,
+        stream: bool = False,
+        work: Mapping[str, Any] | None = None,
     ) -> int | None:
-        """Notes (and records) the model asked for, with its keep-alive and load options;
-        rejects a bad keep_alive before anything is queued. Returns keep_alive in ns."""
-        self.model, self.keep_alive, self.options = model, keep_alive, options
+        """Notes (and records) the model asked for, with its keep-alive and load options, after
+        checking everything that can be checked before queueing: the name, the caller's key,
+        keep_alive, and the request's size (`work`: limits.check_work's keywords). Returns
+        keep_alive in ns."""
+        check_model_name(model)
         self.rec.model = model
         self.rec.stream = stream
-        return check_keep_alive(keep_alive)
+        key: ApiKey | None = self.request.scope.get(SCOPE_KEY)
+        if key is not None:
+            self.rec.key = key.name
+        limits = dict(work or {})
+        limits.setdefault("options", options)
+        context_length = None
+        if (key is not None and key.models is not None) or _wants_ctx(limits):
+            entry = self.state.scheduler.resolve(model)
+            if key is not None and not key.allows(entry.name):
+                raise ApiError(403, f"key {key.name!r} may not use model {entry.name!r}")
+            context_length = entry.details.get("context_length")
+        check_work(self.state.settings, context_length=context_length, **limits)
+        keep_alive, ns = check_keep_alive(keep_alive)
+        self.model, self.keep_alive, self.options = model, keep_alive, options
+        return ns
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[LeaseLike]:
@@ -172,6 +210,11 @@ class Call:
                 rec.end_stream(error)
 
         return LeasedStream(guarded(), cleanup=cleanup, media_type=media_type, headers=headers)
+
+
+def _wants_ctx(limits: Mapping[str, Any]) -> bool:
+    """Whether the request sets num_ctx (checked against the model's context length)."""
+    return "num_ctx" in (limits.get("options") or {}) or "num_ctx" in (limits.get("body") or {})
 
 
 Handler = Callable[[Call], Awaitable[Response]]

@@ -15,7 +15,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["CoalescingTransport", "HttpProtocol"]
+__all__ = ["CoalescingTransport", "HttpProtocol", "protocol_with"]
 
 
 class CoalescingTransport:
@@ -73,8 +73,49 @@ def _is_head(data: bytes | bytearray | memoryview) -> bool:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a CoalescingTransport (``uvicorn.Config(http=...)``)."""
+    """uvicorn's httptools protocol over a CoalescingTransport (``uvicorn.Config(http=...)``),
+    closing connections whose request headers take longer than :attr:`header_timeout_s`.
+
+    uvicorn has no such timeout: a client that connects and sends nothing, or half a request
+    line, holds its connection (and its file descriptor) forever. The body's own deadline is the
+    app's (``limits.read_body``).
+    """
+
+    #: Seconds from a connection (or the first byte of a request on it) to its headers' end.
+    header_timeout_s = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         wrapped: Any = CoalescingTransport(transport, self.loop)
+        self._header_timer: asyncio.TimerHandle | None = None
         super().connection_made(wrapped)
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def protocol_with(header_timeout_s: float) -> type[HttpProtocol]:
+    """HttpProtocol with the settings' header timeout (uvicorn instantiates the class itself)."""
+    return type("HttpProtocol", (HttpProtocol,), {"header_timeout_s": header_timeout_s})

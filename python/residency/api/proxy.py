@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from residency.api.errors import ApiError, ClientDisconnected
+from residency.api.errors import ClientDisconnected
 from residency.api.metrics import RequestRecord
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "LeasedStream",
     "json_response",
     "now_ns",
-    "read_body",
     "until_disconnected",
 ]
 
@@ -78,7 +77,7 @@ class JSONBytes(Response):
             await send({"type": "http.response.body", "body": self.body})
         except BaseException:
             if self._record is not None:
-                self._record.finish("disconnected")
+                self._record.finish(499)
             raise
         if self._record is not None:
             self._record.finish(self.status_code)
@@ -95,13 +94,6 @@ def json_response(
     # pydantic-core's serializer: one Rust call, no jsonable_encoder pass.
     body = data if isinstance(data, bytes) else to_json(data)
     return JSONBytes(body, status, headers, record=record)
-
-
-async def read_body(request: Request) -> bytes:
-    body = await request.body()
-    if not body.strip():
-        raise ApiError(400, "missing request body")
-    return body
 
 
 async def _wait_disconnect(receive: Receive) -> None:

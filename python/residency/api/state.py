@@ -11,10 +11,8 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from residency.api._types import SchedulerLike
-from residency.api.errors import ApiError
 from residency.api.metrics import RequestRecord
 from residency.config import Settings
-from residency.keepalive import parse_keep_alive
 from residency.metrics import ResidencyMetrics
 
 __all__ = [
@@ -24,7 +22,6 @@ __all__ = [
     "State",
     "api_state",
     "body_schema",
-    "check_keep_alive",
     "direct",
 ]
 
@@ -71,16 +68,6 @@ async def _state(request: Request) -> ApiState:
 
 
 State = Annotated[ApiState, Depends(_state)]
-
-
-def check_keep_alive(value: str | float | None) -> int | None:
-    """Rejects an unparseable keep_alive with 400 before anything is queued; returns ns."""
-    if value is None:
-        return None
-    try:
-        return parse_keep_alive(value)
-    except Exception as err:  # InvalidArgumentError; message already says what is wrong
-        raise ApiError(400, f"keep_alive: {err}", code="invalid_keep_alive") from None
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:

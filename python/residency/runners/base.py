@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from residency.errors import RunnerError
 from residency.llamacpp import parse_buffer_line
+from residency.memory import runner_gpu_environment
 from residency.runners._process import (
     CAN_DIE_WITH_PARENT,
     OutputPipe,
@@ -150,7 +151,7 @@ class Runner(ABC):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"  # Python runners: output lines reach the ring buffer at once
         if self.spec.on_gpu:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.spec.device_index)
+            env.update(runner_gpu_environment(self.spec.device_index, os.environ))
         env["RESIDENCY_DEVICE"] = self.spec.device
         env.update(self.spec.env)
         return env
