@@ -15,8 +15,6 @@ from typing import Any, Literal
 
 from pydantic import (
     AliasChoices,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -30,16 +28,18 @@ from pydantic_settings import (
 )
 
 from residency.config_file import read_toml
+from residency.config_model import ModelConfig, parse_duration
+from residency.config_runners import RunnerKind, RunnerSettings
 from residency.config_security import ApiKeyConfig, SecuritySettings
-from residency.errors import ConfigError, InvalidArgumentError
+from residency.errors import ConfigError
 from residency.keepalive import parse_keep_alive
+from residency.llamacpp import KV_CACHE_TYPES as LLAMA_KV_CACHE_TYPES
 
 __all__ = ["ApiKeyConfig", "ModelConfig", "RunnerKind", "Settings", "load_settings"]
 
-RunnerKind = Literal["auto", "llama-server", "llama-cpp-python", "command"]
 
 #: KV cache types llama.cpp's runners accept (Ollama documents f16, q8_0 and q4_0).
-KV_CACHE_TYPES = ("f16", "q8_0", "q4_0", "f32", "bf16", "q4_1", "q5_0", "q5_1", "iq4_nl")
+KV_CACHE_TYPES = tuple(LLAMA_KV_CACHE_TYPES)
 
 #: The environment variable naming a config file when load_settings() gets none.
 CONFIG_ENV = "RESIDENCY_CONFIG"
@@ -52,87 +52,7 @@ def _alias(name: str, *extra: str) -> AliasChoices:
     return AliasChoices(*choices, *extra)
 
 
-class ModelConfig(BaseModel):
-    """One model as configured: a file, the runner that serves it, and its load options."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1)
-    #: The model file (GGUF for the llama.cpp runners; anything a `command` template understands).
-    path: Path
-    #: "auto" = the settings' `runner` (llama-server when one is found, else llama-cpp-python).
-    runner: RunnerKind = "auto"
-    #: Save this model's llama-server slots before its runner stops (see Settings.kv_persist).
-    kv_persist: bool = True
-    #: Context length; None = min(settings.default_ctx, the model's training context).
-    ctx: int | None = Field(default=None, gt=0)
-    #: Parallel request slots; None = settings.num_parallel.
-    parallel: int | None = Field(default=None, gt=0)
-    kv_type: str = "f16"
-    #: Layers offloaded to the GPU: an int (-1 = all), or "auto" (all that fit; 0 on the host).
-    gpu_layers: int | Literal["auto"] = "auto"
-    #: This model's default keep-alive ("10m", "300", "-1"); None = settings.keep_alive.
-    keep_alive: str | None = None
-    #: Pinned models are never evicted and never expire.
-    pinned: bool = False
-    #: For runner "command": argv template with {model} {port} {host} {ctx} {parallel} {gpu_layers}
-    #: {kv_type} placeholders. Never run through a shell.
-    command: list[str] | None = None
-    health_path: str = "/v1/models"
-    env: dict[str, str] = Field(default_factory=dict)
-    #: Extra arguments appended to the llama.cpp runners' command line.
-    args: list[str] = Field(default_factory=list)
-    #: Bytes to reserve, overriding the estimate (for runners whose files cannot be estimated).
-    memory: int | None = Field(default=None, gt=0)
-    #: Start the runner with embeddings on, so /api/embed works with any model (as in Ollama).
-    #: None = the kind's default: on for llama-cpp-python (generation still works; it costs a
-    #: larger output buffer), off for llama-server (older builds then serve only embeddings).
-    embedding: bool | None = None
-    #: llama-cpp-python's chat format; None = the GGUF's template, else one guessed from the family.
-    chat_format: str | None = None
-    #: Flash attention on or off; None = settings.flash_attention (then the runner's default).
-    flash_attention: bool | None = None
-    #: Request options this model defaults to (Ollama's PARAMETERs: stop, temperature, top_k…).
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    #: The model's default system prompt, its template (as Ollama stores it: a Go template, shown
-    #: by /api/show; the runner applies the GGUF's own) and its license text.
-    system: str | None = None
-    template: str | None = None
-    license: str | None = None
-    #: Vision projectors and LoRA adapters that came with the model (noted, not yet loaded).
-    projectors: list[Path] = Field(default_factory=list)
-    adapters: list[Path] = Field(default_factory=list)
-
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _keep_alive_text(cls, value: object) -> object:
-        # TOML users write `keep_alive = 300` or `-1`; store the text, parse it where it is used.
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        return value
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive_valid(cls, value: str | None) -> str | None:
-        if value is not None:
-            _parse_duration("keep_alive", value)
-        return value
-
-    @field_validator("health_path")
-    @classmethod
-    def _health_path(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("health_path must start with '/'")
-        return value
-
-    @model_validator(mode="after")
-    def _command_given(self) -> ModelConfig:
-        if self.runner == "command" and not self.command:
-            raise ValueError(f"model {self.name!r}: runner 'command' needs a `command` template")
-        return self
-
-
-class Settings(SecuritySettings):
+class Settings(SecuritySettings, RunnerSettings):
     """Everything residency is configured with. See ``load_settings`` for where values come from."""
 
     model_config = SettingsConfigDict(
@@ -217,23 +137,6 @@ class Settings(SecuritySettings):
     flash_attention: bool | None = Field(default=None, validation_alias=_alias("flash_attention"))
     #: Spread each model across all GPUs instead of fitting it on one (as OLLAMA_SCHED_SPREAD).
     sched_spread: bool = Field(default=False, validation_alias=_alias("sched_spread"))
-    # ---- runners: which one, where llama-server is, KV persistence (residency.runners) ----
-    #: The runner of models that say "auto": "auto" = llama-server when one is configured, on
-    #: PATH or built (`residency build-runner`), else llama-cpp-python.
-    runner: RunnerKind = "auto"
-    #: The llama.cpp `llama-server` binary; None = PATH, then residency's own build.
-    llama_server: str | None = None
-    #: `residency serve` builds llama-server in the background when "auto" finds none.
-    build_runner: bool = True
-    #: Save llama-server slots (the KV cache of a conversation) before a runner stops, and
-    #: restore them when a later request continues that conversation.
-    kv_persist: bool = True
-    #: Where saved slots live; None = <cache>/kv.
-    kv_dir: Path | None = None
-    #: Bytes of saved slots kept; beyond it the least recently used are removed.
-    kv_budget: int = Field(default=4 << 30, ge=0)
-    #: The longest a stopping runner waits for its saves (eviction, expiry, unload).
-    kv_save_timeout_s: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _configure_runners(self) -> Settings:
@@ -285,7 +188,7 @@ class Settings(SecuritySettings):
     @field_validator("keep_alive", "load_timeout")
     @classmethod
     def _duration_valid(cls, value: str, info: Any) -> str:
-        _parse_duration(info.field_name, value)
+        parse_duration(info.field_name, value)
         return value
 
     @field_validator("flash_attention", "sched_spread", "discover", mode="before")
@@ -342,13 +245,6 @@ class Settings(SecuritySettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _TomlSource(settings_cls))
-
-
-def _parse_duration(field: str, value: str) -> int:
-    try:
-        return parse_keep_alive(value)
-    except InvalidArgumentError as err:
-        raise ValueError(f"{field}: {err}") from None
 
 
 def _parse_host(text: str) -> tuple[str, int | None]:
