@@ -10,6 +10,7 @@ import pytest
 from residency.catalog import with_server_defaults
 from residency.config import ModelConfig, load_settings
 from residency.errors import ConfigError
+from residency.runners import LaunchSpec, runner_class
 
 TWINS = {
     "OLLAMA_MODELS": "RESIDENCY_OLLAMA_MODELS",
@@ -134,13 +135,34 @@ def test_kv_cache_type_applies_where_a_model_sets_none(monkeypatch: pytest.Monke
 def test_flash_attention_reaches_the_runner_command_line(
     monkeypatch: pytest.MonkeyPatch, runner: str, on: list[str], off: list[str]
 ) -> None:
+    def argv(config: ModelConfig) -> list[str]:
+        """The command line the runner kind builds for the model as the server configures it."""
+        served = with_server_defaults(config, load_settings())
+        spec = LaunchSpec(
+            name="m",
+            model_path=Path("/m.gguf"),
+            ctx=512,
+            parallel=1,
+            kv_type=served.kv_type,
+            gpu_layers=0,
+            args=tuple(served.args),
+            flash_attention=served.flash_attention,
+            binary="/bin/true",
+        )
+        return runner_class(runner)(spec).argv()
+
+    def has(found: list[str], pair: list[str]) -> bool:
+        return any(found[i : i + 2] == pair for i in range(len(found) - 1))
+
+    monkeypatch.setenv("RESIDENCY_KV_PERSIST", "0")
     monkeypatch.setenv("OLLAMA_FLASH_ATTENTION", "1")
-    s = load_settings()
-    assert with_server_defaults(_model(runner=runner, args=["-x"]), s).args == ["-x", *on]
-    assert with_server_defaults(_model(runner=runner, flash_attention=False), s).args == off
+    assert has(argv(_model(runner=runner, args=["-x"])), on)
+    assert has(argv(_model(runner=runner, flash_attention=False)), off)
     monkeypatch.setenv("OLLAMA_FLASH_ATTENTION", "")
     plain = _model(runner=runner)
     assert with_server_defaults(plain, load_settings()) is plain  # the runner's default
+    assert not has(argv(plain), on)
+    assert not has(argv(plain), off)
 
 
 def test_quantised_kv_without_flash_attention_falls_back_to_f16(

@@ -29,11 +29,6 @@ log = logging.getLogger(__name__)
 
 # KV cache types that need flash attention in llama.cpp (a quantised V cache does).
 _UNQUANTISED_KV = frozenset({"f16", "f32", "bf16"})
-# How each llama.cpp runner kind is told to turn flash attention on or off.
-_FLASH_ATTENTION_ARGS = {
-    "llama-server": ("--flash-attn", {True: "on", False: "off"}),
-    "llama-cpp-python": ("--flash_attn", {True: "true", False: "false"}),
-}
 
 
 def with_server_defaults(config: ModelConfig, settings: Settings) -> ModelConfig:
@@ -52,13 +47,10 @@ def with_server_defaults(config: ModelConfig, settings: Settings) -> ModelConfig
             kv_type,
         )
         kv_type = "f16"
-    args = list(config.args)
-    flag = _FLASH_ATTENTION_ARGS.get(config.runner)
-    if flash is not None and flag is not None:
-        args += [flag[0], flag[1][flash]]
-    if kv_type == config.kv_type and args == config.args and flash == config.flash_attention:
+    # The runner kind turns flash_attention into its own flag (runners.llama).
+    if kv_type == config.kv_type and flash == config.flash_attention:
         return config
-    return config.model_copy(update={"kv_type": kv_type, "flash_attention": flash, "args": args})
+    return config.model_copy(update={"kv_type": kv_type, "flash_attention": flash})
 
 
 class DiscoveredModels:

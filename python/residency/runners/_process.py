@@ -10,11 +10,28 @@ import fcntl
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CAN_DIE_WITH_PARENT", "OutputPipe", "die_with_parent", "group_has_live_members"]
+__all__ = [
+    "CAN_DIE_WITH_PARENT",
+    "LOOPBACK",
+    "OutputPipe",
+    "die_with_parent",
+    "free_port",
+    "group_has_live_members",
+]
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port the kernel considers free now (the runner binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 class OutputPipe:

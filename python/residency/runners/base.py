@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -27,18 +26,18 @@ from residency.llamacpp import parse_buffer_line
 from residency.memory import runner_gpu_environment
 from residency.runners._process import (
     CAN_DIE_WITH_PARENT,
+    LOOPBACK,
     OutputPipe,
     die_with_parent,
+    free_port,
     group_has_live_members,
 )
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
 
-__all__ = ["LaunchSpec", "Runner", "free_port"]
+__all__ = ["LOOPBACK", "LaunchSpec", "Runner", "free_port"]
 
 log = logging.getLogger(__name__)
-
-LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -66,19 +65,14 @@ class LaunchSpec:
     command: Sequence[str] | None = None
     #: llama-server's binary; None: the one on PATH.
     binary: str | None = None
+    #: Flash attention on/off; None: the kind's default (llama-server: auto; on for a quantised KV).
+    flash_attention: bool | None = None
     #: The registry's details of the model file (family, has_chat_template).
     details: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port the kernel considers free now (the runner binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class Runner(ABC):

@@ -127,8 +127,9 @@ class LlamaCppPythonRunner(Runner):
         if s.kv_type.lower() != "f16":
             kv = str(kv_type_id(s.kv_type))
             argv += ["--type_k", kv, "--type_v", kv]
-            if needs_flash_attn(s.kv_type):
-                argv += ["--flash_attn", "true"]
+        flash = needs_flash_attn(s.kv_type) if s.flash_attention is None else s.flash_attention
+        if flash or s.flash_attention is not None:
+            argv += ["--flash_attn", "true" if flash else "false"]
         chat_format = s.chat_format
         details = s.details
         if chat_format is None and not details.get("has_chat_template", True):
@@ -209,6 +210,8 @@ class LlamaServerRunner(Runner):
             "--verbosity",
             "4",
         ]
+        if s.flash_attention is not None:  # else its own "auto"
+            argv += ["--flash-attn", "on" if s.flash_attention else "off"]
         if self.kv is not None:
             self.kv.directory.mkdir(parents=True, exist_ok=True)
             # A sliding-window cache keeps only the window: a restored slot would be reprocessed

@@ -390,6 +390,7 @@ class Executor:
             chat_format=cfg.chat_format,
             command=cfg.command,
             binary=self.settings.llama_server,
+            flash_attention=cfg.flash_attention,
             details=inst.entry.details,
         )
         return self._runner_factory(cfg.runner, spec, self.on_runner_exit)
