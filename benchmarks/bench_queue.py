@@ -24,28 +24,10 @@ import sys
 import time
 from typing import Any
 
+# The same traces as bench_policies (its scenarios, sizes and rates), without the page cache.
+from bench_policies import N_REQUESTS, QUICK_REQUESTS, SCENARIOS, TOTAL_RATE
 from residency import policy_names
 from residency.sim import SimConfig, SimResult, TraceConfig, make_trace, simulate
-
-N_REQUESTS = 20_000
-QUICK_REQUESTS = 2_000
-#: Requests per second over all models: enough traffic that some models are always wanted, little
-#: enough that the rarest ones go idle for about the keep-alive window.
-TOTAL_RATE = 0.1
-
-SCENARIOS: list[tuple[str, dict[str, Any]]] = [
-    *(
-        (f"a={alpha} cv={cv:g}", {"alpha": alpha, "cv": cv})
-        for alpha in (0.7, 1.3)
-        for cv in (1.0, 4.0)
-    ),
-    # Bursts separated by idle periods around the keep-alive window.
-    ("on/off", {"alpha": 1.0, "cv": 2.0, "on_mean_s": 120.0}),
-    # Three times the traffic: queues form behind loads.
-    ("heavy", {"alpha": 1.0, "cv": 2.0, "total_rate": 0.3}),
-    # Six models of 10–65 GB: nearly every switch evicts.
-    ("few large", {"alpha": 1.0, "cv": 1.0, "n_models": 6, "min_gb": 10.0}),
-]
 
 TARGETS = {
     "load_seconds_ratio_max": 1.01,

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from residency.runners.build import find_llama_server
+from serve_process import wait_until_serving
 
 
 def require_llama_server() -> Path:
@@ -117,19 +118,7 @@ def start_server(tmp: Path, config_text: str) -> Iterator[Server]:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path, kv_dir)
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"residency serve exited with {proc.returncode}:\n{srv.log()}")
-        try:
-            if httpx.get(srv.url + "/", timeout=1).text == "Ollama is running":
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"residency serve did not come up:\n{srv.log()}")
-        time.sleep(0.2)
+    wait_until_serving(proc, srv.url, srv.log, timeout_s=120)
     try:
         yield srv
     finally:

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from scheduler_helpers import require_llama_cpp
+from serve_process import wait_until_serving
 
 require_llama_cpp()
 ollama = pytest.importorskip("ollama")
@@ -116,19 +117,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             env=env,
         )
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"residency serve exited with {proc.returncode}:\n{srv.log()}")
-        try:
-            if httpx.get(srv.url + "/", timeout=1).text == "Ollama is running":
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"residency serve did not come up:\n{srv.log()}")
-        time.sleep(0.2)
+    wait_until_serving(proc, srv.url, srv.log, timeout_s=180)
     yield srv
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -27,6 +27,7 @@ import pytest
 from estimate_models import write_llama
 from model_stores import write_hf_repo, write_ollama_model
 from scheduler_helpers import require_llama_cpp
+from serve_process import wait_until_serving
 
 require_llama_cpp()
 
@@ -100,19 +101,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             env=env,
         )
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path, store, gemma, env)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"residency serve exited with {proc.returncode}:\n{srv.log()}")
-        try:
-            if httpx.get(srv.url + "/", timeout=1).text == "Ollama is running":
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"residency serve did not come up:\n{srv.log()}")
-        time.sleep(0.2)
+    wait_until_serving(proc, srv.url, srv.log, timeout_s=180)
     yield srv
     proc.send_signal(signal.SIGTERM)
     try:
