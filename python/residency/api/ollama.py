@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from residency import __version__
 from residency.api._types import EntryLike, LeaseLike, ResidentLike
+from residency.api.capabilities import refuse_missing, traits
 from residency.api.errors import ApiError
 from residency.api.metrics import RequestRecord
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
@@ -59,6 +60,7 @@ async def generate(call: Call) -> Response:
     req = GenerateRequest.model_validate_json(await call.body())
     if not req.prompt and not req.images and not req.suffix:
         return await _load_or_unload(call, req, chat=False)
+    await _check_capabilities(call, req, {"vision": bool(req.images)})
     path, body = generate_body(req, req.model)
     return await _generation(call, req, path=path, body=body, chat=False)
 
@@ -70,8 +72,20 @@ async def chat(call: Call) -> Response:
     req = ChatRequest.model_validate_json(await call.body())
     if not req.messages:
         return await _load_or_unload(call, req, chat=True)
+    images = any(m.images for m in req.messages)
+    await _check_capabilities(call, req, {"tools": bool(req.tools), "vision": images})
     body = chat_body(req, req.model)
     return await _generation(call, req, path="/v1/chat/completions", body=body, chat=True)
+
+
+async def _check_capabilities(
+    call: Call, req: GenerateRequest | ChatRequest, wanted: dict[str, bool]
+) -> None:
+    """Refuses, before any load, what the model cannot do (as Ollama does)."""
+    model = await asyncio.to_thread(traits, call.state.scheduler.resolve(req.model))
+    # think: false (or "low"…) on a model without thinking is harmless; only asking for it is not.
+    wanted["thinking"] = req.think not in (None, False)
+    refuse_missing(req.model, model, wanted)
 
 
 async def _load_or_unload(
@@ -336,9 +350,7 @@ async def show(request: Request) -> Response:
     if template:
         modelfile += f'TEMPLATE """{template}"""\n'
     modelfile += "".join(f"PARAMETER {p.split()[0]} {p.split()[1]}\n" for p in params)
-    capabilities = ["completion"]
-    if "tools" in template:
-        capabilities.append("tools")
+    capabilities = list(traits(entry).capabilities)
     return json_response(
         {
             "modelfile": modelfile,
