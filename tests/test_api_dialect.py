@@ -168,7 +168,7 @@ async def test_include_usage_chunk_counted_when_the_runner_sends_none() -> None:
         assert events[-1] == "[DONE]"
         last = events[-2]
         assert last["choices"] == []
-        assert last["usage"]["completion_tokens"] == 3
+        assert last["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
         # without asking, no usage chunk
         r = await s.client.post(
             "/v1/chat/completions", json={"model": MODEL, "messages": [USER], "stream": True}

@@ -48,7 +48,8 @@ async def test_generate_non_streaming_translates_and_measures() -> None:
         assert body["done_reason"] == "stop"
         assert body["load_duration"] == 1_500_000_000  # the lease's, as measured by the scheduler
         assert body["eval_count"] == 3  # the token chunks the runner streamed (it sent no usage)
-        assert "prompt_eval_count" not in body  # unknown here: never invented
+        # No usage from the runner: its tokenizer counted the prompt's text (5 words, 5 tokens).
+        assert body["prompt_eval_count"] == 5
         for key in ("total_duration", "prompt_eval_duration", "eval_duration"):
             assert isinstance(body[key], int)
             assert body[key] >= 0

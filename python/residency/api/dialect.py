@@ -8,11 +8,14 @@ reads; what cannot be served gets a precise 400 here, before a model is loaded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic_core import to_json
+from pydantic_core import from_json
 
+from residency.api._types import LeaseLike
 from residency.api.errors import ApiError
+from residency.errors import ResidencyError
 
 __all__ = [
     "chat_fields",
@@ -20,6 +23,7 @@ __all__ = [
     "check_embedding_input",
     "choices_wanted",
     "merged_answers",
+    "prompt_tokens",
 ]
 
 _RESPONSE_TYPES = ("text", "json_object", "json_schema")
@@ -147,5 +151,15 @@ def merged_answers(answers: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def encoded(fields: dict[str, Any]) -> bytes:
-    return to_json(fields)
+async def prompt_tokens(lease: LeaseLike, fields: Mapping[str, Any]) -> int | None:
+    """The prompt's tokens, for a runner that reports none (llama-cpp-python when streaming),
+    counted by the runner's own tokenizer: a raw prompt exactly, a chat as its messages' text
+    (the chat template's own few tokens are not in that count). None: the runner cannot count."""
+    text = fields.get("prompt")
+    if not isinstance(text, str):
+        text = "\n".join(_text(m.get("content")) for m in fields.get("messages") or ())
+    try:
+        answer = from_json(await lease.api.complete("/extras/tokenize/count", {"input": text}))
+        return int(answer["count"])
+    except (ResidencyError, ValueError, TypeError, KeyError):
+        return None

@@ -18,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from residency import __version__
 from residency.api._types import EntryLike, LeaseLike, ResidentLike
 from residency.api.capabilities import refuse_missing, traits
+from residency.api.dialect import prompt_tokens
 from residency.api.errors import ApiError
 from residency.api.metrics import RequestRecord
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
@@ -133,6 +134,7 @@ async def _generation(
                 gen = Generation(upstream.t_sent)
                 async for event, at in upstream:
                     gen.feed(event, at)
+                await _count_prompt(gen, upstream.lease, body)
             finally:
                 await upstream.aclose()
             return _final(asked, gen, rec, upstream.lease, chat=chat, whole=True)
@@ -167,6 +169,7 @@ async def _generation(
                 "done": False,
             }
             yield to_json(calls) + _NL
+        await _count_prompt(gen, upstream.lease, body)
         yield to_json(_final(asked, gen, rec, upstream.lease, chat=chat, whole=False)) + _NL
 
     # Headers are gone once streaming: an error becomes the stream's last line, as Ollama does it.
@@ -176,6 +179,14 @@ async def _generation(
         error_chunk=lambda e: to_json({"error": e.message}) + _NL,
         media_type=NDJSON,
     )
+
+
+async def _count_prompt(gen: Generation, lease: LeaseLike, body: dict[str, Any]) -> None:
+    """prompt_eval_count from the runner's tokenizer when its stream did not report one."""
+    if gen.prompt_count() is None:
+        count = await prompt_tokens(lease, body)
+        if count is not None:
+            gen.usage = {**(gen.usage or {}), "prompt_tokens": count}
 
 
 def _final(

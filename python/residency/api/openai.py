@@ -25,6 +25,7 @@ from residency.api.dialect import (
     check_embedding_input,
     choices_wanted,
     merged_answers,
+    prompt_tokens,
 )
 from residency.api.errors import ApiError, error_body
 from residency.api.pipeline import Call, endpoint, shaped_embeddings
@@ -36,7 +37,6 @@ from residency.api.schemas import (
     _OpenAIBase,
 )
 from residency.api.state import State, body_schema
-from residency.errors import ResidencyError
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -214,22 +214,6 @@ def _has_text(choice: dict[str, Any]) -> bool:
 
 
 async def _counted_usage(lease: LeaseLike, fields: dict[str, Any], pieces: int) -> dict[str, int]:
-    """Usage for a runner that streams none (llama-cpp-python): one streamed piece per token,
-    and the prompt's text counted by the runner's tokenizer where it has one (the template's
-    own tokens are not in that count)."""
-    text = fields.get("prompt")
-    if text is None:
-        text = "\n".join(_plain(m.get("content")) for m in fields.get("messages") or ())
-    prompt = 0
-    try:
-        answer = from_json(await lease.api.complete("/extras/tokenize/count", {"input": text}))
-        prompt = int(answer.get("count") or 0)
-    except (ResidencyError, ValueError, TypeError, AttributeError):
-        pass  # a runner without a tokenizer endpoint: the completion count is what is known
+    """Usage for a runner that streams none (llama-cpp-python): one streamed piece per token."""
+    prompt = await prompt_tokens(lease, fields) or 0
     return {"prompt_tokens": prompt, "completion_tokens": pieces, "total_tokens": prompt + pieces}
-
-
-def _plain(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""

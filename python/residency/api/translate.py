@@ -270,6 +270,14 @@ class Generation:
             calls.append({"function": {"name": slot["name"], "arguments": args}})
         return calls
 
+    def prompt_count(self) -> int | None:
+        """The prompt's tokens as the runner reported them (usage or timings), if it did."""
+        if self.timings and self.timings.get("prompt_n") is not None:
+            return int(self.timings["prompt_n"])
+        if self.usage and self.usage.get("prompt_tokens") is not None:
+            return int(self.usage["prompt_tokens"])
+        return None
+
     @property
     def done_reason(self) -> str:
         return _DONE_REASONS.get(self.finish_reason, self.finish_reason or "stop")
