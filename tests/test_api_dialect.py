@@ -239,3 +239,23 @@ async def test_ollama_passes_what_the_model_can_do(tmp_path: Path) -> None:
         assert s.runner.requests[-1][1]["tools"][0]["function"]["name"] == "w"
         show = (await s.client.post("/api/show", json={"model": MODEL})).json()
         assert show["capabilities"] == ["completion", "tools", "thinking", "vision"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "hint"),
+    [
+        ("POST", "/api/pull", "ollama pull"),
+        ("POST", "/api/push", "ollama push"),
+        ("POST", "/api/create", "models_dir"),
+        ("POST", "/api/copy", "ollama cp"),
+        ("DELETE", "/api/delete", "ollama rm"),
+        ("POST", "/api/blobs/sha256:00", "models_dir"),
+    ],
+)
+async def test_management_endpoints_say_what_to_do_instead(
+    method: str, path: str, hint: str
+) -> None:
+    async with serving() as s:
+        r = await s.client.request(method, path, json={"model": MODEL})
+        assert r.status_code == 501
+        assert hint in r.json()["error"]

@@ -375,6 +375,42 @@ async def show(request: Request) -> Response:
     )
 
 
+# ---- management residency leaves to the files (and to Ollama) ---------------------------------
+
+_NOT_HERE = {
+    "pull": "residency does not download models: run `ollama pull NAME` (residency serves "
+    "Ollama's model store) or put a GGUF file in models_dir",
+    "push": "residency does not push models: run `ollama push NAME`",
+    "create": "residency does not create models: put a GGUF file in models_dir (per-model "
+    "options go in residency.toml) or run `ollama create`",
+    "copy": "residency does not copy models: copy the GGUF file in models_dir or run `ollama cp`",
+    "delete": "residency does not delete models: remove the GGUF file from models_dir or run "
+    "`ollama rm NAME`",
+    "blobs": "residency does not store blobs: put a GGUF file in models_dir",
+}
+
+
+def _not_served(what: str) -> Callable[[], Awaitable[Response]]:
+    async def refuse() -> Response:
+        raise ApiError(501, _NOT_HERE[what], code="not_implemented")
+
+    refuse.__name__ = f"{what}_not_served"
+    return refuse
+
+
+for _verb, _method in (
+    ("pull", "POST"),
+    ("push", "POST"),
+    ("create", "POST"),
+    ("copy", "POST"),
+    ("delete", "DELETE"),
+):
+    router.add_api_route(f"/api/{_verb}", _not_served(_verb), methods=[_method])
+router.add_api_route(
+    "/api/blobs/{digest}", _not_served("blobs"), methods=["HEAD", "POST"], include_in_schema=False
+)
+
+
 @router.get("/api/version")
 async def version() -> Response:
     return json_response({"version": __version__})
