@@ -11,26 +11,24 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic_core import to_json
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 
-from residency import __version__
-from residency.api._types import EntryLike, LeaseLike, ResidentLike
+from residency.api._types import LeaseLike
 from residency.api.capabilities import refuse_missing, traits
 from residency.api.dialect import prompt_tokens
-from residency.api.errors import ApiError
 from residency.api.metrics import RequestRecord
+from residency.api.ollama_models import router as models_router
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
-from residency.api.proxy import json_response, now_ns, read_body
+from residency.api.proxy import now_ns
 from residency.api.schemas import (
     ChatRequest,
     EmbeddingsRequest,
     EmbedRequest,
     GenerateRequest,
-    ShowRequest,
 )
-from residency.api.state import State, api_state, body_schema
+from residency.api.state import body_schema
 from residency.api.translate import (
     Generation,
     chat_body,
@@ -38,7 +36,6 @@ from residency.api.translate import (
     rfc3339_now,
     split_options,
 )
-from residency.registry import model_info
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -264,164 +261,5 @@ def _named(body: dict[str, Any]) -> Callable[[LeaseLike], Body]:
     return named
 
 
-# ---- models ----------------------------------------------------------------------------------
-
-
-def ollama_details(entry: EntryLike) -> dict[str, Any]:
-    """Ollama's ``details`` object (only its keys: clients validate it)."""
-    d = entry.details
-    family = d.get("family", "")
-    return {
-        "parent_model": "",
-        "format": d.get("format", "gguf"),
-        "family": family,
-        "families": d.get("families") or ([family] if family else None),
-        "parameter_size": d.get("parameter_size", ""),
-        "quantization_level": d.get("quantization_level", ""),
-    }
-
-
-def _expires_at(r: ResidentLike) -> str:
-    if r.expires_at is not None:
-        return r.expires_at.isoformat().replace("+00:00", "Z")
-    # Kept forever (or pinned): Ollama shows time.Now() + MaxInt64, about 292 years ahead.
-    from datetime import datetime, timedelta, timezone
-
-    far = datetime.now(timezone.utc) + timedelta(microseconds=_FOREVER_NS // 1000)
-    return far.isoformat().replace("+00:00", "Z")
-
-
-@router.get("/api/ps")
-async def ps(state: State) -> Response:
-    """Resident models, with residency's own accounting beside Ollama's fields."""
-    models = []
-    for r in state.scheduler.resident():
-        models.append(
-            {
-                "name": r.name,
-                "model": r.name,
-                "size": r.bytes,
-                "digest": r.entry.digest,
-                "details": ollama_details(r.entry),
-                "expires_at": _expires_at(r),
-                "size_vram": r.size_vram,
-                "context_length": r.context_length,
-                # residency's additions: where it lives, what was promised, what was measured.
-                "device": r.device,
-                "state": r.state,
-                "reserved_bytes": r.bytes,
-                "estimated_bytes": r.estimated_bytes,
-                "measured_bytes": r.measured_bytes,
-                "refcount": r.refcount,
-            }
-        )
-    return json_response({"models": models})
-
-
-@router.get("/api/tags")
-async def tags(state: State) -> Response:
-    """Every model clients may ask for."""
-    return json_response(
-        {
-            "models": [
-                {
-                    "name": e.name,
-                    "model": e.name,
-                    "modified_at": e.modified_at.isoformat().replace("+00:00", "Z"),
-                    "size": e.size_bytes,
-                    "digest": e.digest,
-                    "details": ollama_details(e),
-                }
-                for e in state.scheduler.models()
-            ]
-        }
-    )
-
-
-@router.post("/api/show", openapi_extra=body_schema(ShowRequest))
-async def show(request: Request) -> Response:
-    """A model's details, GGUF metadata (``model_info``), template and parameters."""
-    state = api_state(request)
-    req = ShowRequest.model_validate_json(await read_body(request))
-    entry = state.scheduler.resolve(req.model_name)
-    info: dict[str, Any] = {}
-    template = ""
-    if entry.details.get("format") == "gguf":
-        try:
-            info, template = await asyncio.to_thread(model_info, entry.path, verbose=req.verbose)
-        except (OSError, ValueError) as err:  # the file changed or broke since start-up
-            raise ApiError(500, f"cannot read {entry.path}: {err}") from err
-    options = dict(entry.options)
-    params = []
-    for key, name in (("ctx", "num_ctx"), ("gpu_layers", "num_gpu"), ("parallel", "num_parallel")):
-        value = options.get(key)
-        if value is not None and value != "auto":
-            params.append(f"{name:<30} {value}")
-    modelfile = f'# Modelfile generated by "residency"\nFROM {entry.path}\n'
-    if template:
-        modelfile += f'TEMPLATE """{template}"""\n'
-    modelfile += "".join(f"PARAMETER {p.split()[0]} {p.split()[1]}\n" for p in params)
-    capabilities = list(traits(entry).capabilities)
-    return json_response(
-        {
-            "modelfile": modelfile,
-            "parameters": "\n".join(params),
-            "template": template,
-            "details": ollama_details(entry),
-            "model_info": info,
-            "capabilities": capabilities,
-            "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
-        }
-    )
-
-
-# ---- management residency leaves to the files (and to Ollama) ---------------------------------
-
-_NOT_HERE = {
-    "pull": "residency does not download models: run `ollama pull NAME` (residency serves "
-    "Ollama's model store) or put a GGUF file in models_dir",
-    "push": "residency does not push models: run `ollama push NAME`",
-    "create": "residency does not create models: put a GGUF file in models_dir (per-model "
-    "options go in residency.toml) or run `ollama create`",
-    "copy": "residency does not copy models: copy the GGUF file in models_dir or run `ollama cp`",
-    "delete": "residency does not delete models: remove the GGUF file from models_dir or run "
-    "`ollama rm NAME`",
-    "blobs": "residency does not store blobs: put a GGUF file in models_dir",
-}
-
-
-def _not_served(what: str) -> Callable[[], Awaitable[Response]]:
-    async def refuse() -> Response:
-        raise ApiError(501, _NOT_HERE[what], code="not_implemented")
-
-    refuse.__name__ = f"{what}_not_served"
-    return refuse
-
-
-for _verb, _method in (
-    ("pull", "POST"),
-    ("push", "POST"),
-    ("create", "POST"),
-    ("copy", "POST"),
-    ("delete", "DELETE"),
-):
-    router.add_api_route(f"/api/{_verb}", _not_served(_verb), methods=[_method])
-router.add_api_route(
-    "/api/blobs/{digest}", _not_served("blobs"), methods=["HEAD", "POST"], include_in_schema=False
-)
-
-
-@router.get("/api/version")
-async def version() -> Response:
-    return json_response({"version": __version__})
-
-
-@router.get("/", response_class=PlainTextResponse)
-async def root() -> Response:
-    # Clients probe this text to find a server; residency answers as Ollama does.
-    return PlainTextResponse("Ollama is running")
-
-
-@router.head("/", include_in_schema=False)
-async def root_head() -> Response:
-    return Response(media_type="text/plain")
+# The model listing and metadata endpoints live beside, on their own router.
+router.include_router(models_router)
