@@ -196,7 +196,7 @@ async def test_error_after_streaming_began_ends_the_stream_with_an_error_line() 
 
 async def test_unknown_route_and_method_use_the_api_shape() -> None:
     async with serving() as s:
-        assert_ollama_error(await s.client.post("/api/pull", json={}), 404, "Not Found")
+        assert_ollama_error(await s.client.post("/api/nothing", json={}), 404, "Not Found")
         assert_openai_error(await s.client.get("/v1/nothing"), 404, "Not Found")
         assert_ollama_error(await s.client.get("/api/chat"), 405, "Method Not Allowed")
 

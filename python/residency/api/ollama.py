@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from pydantic_core import to_json
 from starlette.responses import Response
 
-from residency.api._types import LeaseLike
+from residency.api._types import EntryLike, LeaseLike
 from residency.api.capabilities import refuse_missing, traits
 from residency.api.dialect import prompt_tokens
 from residency.api.metrics import RequestRecord
@@ -35,6 +35,7 @@ from residency.api.translate import (
     generate_body,
     rfc3339_now,
     split_options,
+    with_store_defaults,
 )
 from residency.runners.protocol import Body
 
@@ -58,8 +59,9 @@ async def generate(call: Call) -> Response:
     req = GenerateRequest.model_validate_json(await call.body())
     if not req.prompt and not req.images and not req.suffix:
         return await _load_or_unload(call, req, chat=False)
-    await _check_capabilities(call, req, {"vision": bool(req.images)})
+    entry = await _check_capabilities(call, req, {"vision": bool(req.images)})
     path, body = generate_body(req, req.model)
+    with_store_defaults(body, entry)
     return await _generation(call, req, path=path, body=body, chat=False)
 
 
@@ -71,19 +73,22 @@ async def chat(call: Call) -> Response:
     if not req.messages:
         return await _load_or_unload(call, req, chat=True)
     images = any(m.images for m in req.messages)
-    await _check_capabilities(call, req, {"tools": bool(req.tools), "vision": images})
+    entry = await _check_capabilities(call, req, {"tools": bool(req.tools), "vision": images})
     body = chat_body(req, req.model)
+    with_store_defaults(body, entry)
     return await _generation(call, req, path="/v1/chat/completions", body=body, chat=True)
 
 
 async def _check_capabilities(
     call: Call, req: GenerateRequest | ChatRequest, wanted: dict[str, bool]
-) -> None:
-    """Refuses, before any load, what the model cannot do (as Ollama does)."""
-    model = await asyncio.to_thread(traits, call.state.scheduler.resolve(req.model))
+) -> EntryLike:
+    """Refuses, before any load, what the model cannot do (as Ollama does); the model's entry."""
+    entry = call.state.scheduler.resolve(req.model)
+    model = await asyncio.to_thread(traits, entry)
     # think: false (or "low"…) on a model without thinking is harmless; only asking for it is not.
     wanted["thinking"] = req.think not in (None, False)
     refuse_missing(req.model, model, wanted)
+    return entry
 
 
 async def _load_or_unload(

@@ -28,6 +28,7 @@ from residency.api.dialect import (
     prompt_tokens,
 )
 from residency.api.errors import ApiError, error_body
+from residency.api.ollama_models import tagged
 from residency.api.pipeline import Call, endpoint, shaped_embeddings
 from residency.api.proxy import json_response
 from residency.api.schemas import (
@@ -37,6 +38,7 @@ from residency.api.schemas import (
     _OpenAIBase,
 )
 from residency.api.state import State, body_schema
+from residency.api.translate import with_store_defaults
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -55,11 +57,12 @@ _DONE = b"data: [DONE]\n\n"
 async def chat_completions(call: Call) -> Response:
     req = OpenAIChatRequest.model_validate_json(await call.body())
     call.admit(req.model, req.keep_alive, _load_options(req), stream=req.stream)
-    model = await asyncio.to_thread(traits, call.state.scheduler.resolve(req.model))
+    entry = call.state.scheduler.resolve(req.model)
+    model = await asyncio.to_thread(traits, entry)
     fields = req.model_dump(exclude_unset=True, exclude=set(_EXTENSIONS))
     n = choices_wanted(fields, stream=req.stream)
     refuse_missing(req.model, model, {"tools": bool(fields.get("tools"))})
-    fields = chat_fields(fields, template_tools=model.can("tools"))
+    fields = with_store_defaults(chat_fields(fields, template_tools=model.can("tools")), entry)
     return await _serve(call, req, "/v1/chat/completions", [fields] * n)
 
 
@@ -78,6 +81,7 @@ async def completions(call: Call) -> Response:
     limit = fields.pop("max_completion_tokens", None)
     if limit is not None and fields.get("max_tokens") is None:
         fields["max_tokens"] = limit
+    with_store_defaults(fields, call.state.scheduler.resolve(req.model))
     bodies = [{**fields, "prompt": p} for p in prompts for _ in range(n)]
     return await _serve(call, req, "/v1/completions", bodies)
 
@@ -123,7 +127,7 @@ async def get_model(model: str, state: State) -> Response:
 
 def _model_card(entry: Any, name: str | None = None) -> dict[str, Any]:
     return {
-        "id": name or entry.name,
+        "id": name or tagged(entry.name),
         "object": "model",
         "created": int(entry.modified_at.timestamp()),
         "owned_by": "residency",

@@ -24,6 +24,7 @@ __all__ = [
     "generate_body",
     "rfc3339_now",
     "split_options",
+    "with_store_defaults",
 ]
 
 #: Ollama options that change how a model is loaded (they go to the scheduler, not the runner).
@@ -173,6 +174,23 @@ def generate_body(req: GenerateRequest, model: str) -> tuple[str, dict[str, Any]
     messages.append({"role": "user", "content": _content(req.prompt, req.images)})
     body["messages"] = messages
     return "/v1/chat/completions", body
+
+
+def with_store_defaults(body: dict[str, Any], entry: Any) -> dict[str, Any]:
+    """`body` (a runner request) over the model's own defaults from Ollama's store: its
+    ``parameters`` under the request's options, its ``system`` prompt when the request has none."""
+    config = getattr(entry, "config", None)  # a registry entry's ModelConfig
+    params, _ = split_options(getattr(config, "parameters", None) or {})
+    for key, value in params.items():
+        body.setdefault(key, value)
+    system = getattr(config, "system", None)
+    messages = body.get("messages")
+    has_system = isinstance(messages, list) and any(
+        m.get("role") in ("system", "developer") for m in messages
+    )
+    if system and isinstance(messages, list) and not has_system:
+        messages.insert(0, {"role": "system", "content": system})
+    return body
 
 
 def rfc3339_now() -> str:
