@@ -162,3 +162,23 @@ def test_ollama_counts(server: ServeProcess) -> None:
     assert body["response"]
     assert 0 < body["eval_count"] <= 6
     assert body["prompt_eval_count"] > 0
+
+
+def test_llamaindex_default_num_ctx_and_beyond_are_served(server: ServeProcess) -> None:
+    # LlamaIndex's Ollama client sends num_ctx = the model's training context (32,768 here);
+    # anything beyond it is clamped to it, as Ollama does.
+    for num_ctx in (32768, 1_000_000):
+        r = _post(
+            server,
+            "/api/chat",
+            {
+                "messages": [USER],
+                "stream": False,
+                "options": {"num_ctx": num_ctx, "num_predict": 4, "temperature": 0},
+            },
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["message"]["content"]
+    ps = httpx.get(server.url + "/api/ps", timeout=10).json()["models"]
+    assert [m["context_length"] for m in ps] == [32768]
+    assert "n_ctx_train=32768" in server.log_path.read_text(errors="replace")

@@ -102,6 +102,10 @@ class LlamaCppPythonRunner(Runner):
             "false",
             "--embedding",
             "true" if self.embedding else "false",
+            # The server's default (true) keeps n_ctx x n_vocab float32 logits: 32 GiB for
+            # Gemma 3 at its 32k training context. Only logprobs need them.
+            "--logits_all",
+            "false",
             # Verbose: llama.cpp's buffer-size lines are how the runner reports its memory.
             "--verbose",
             "true",
