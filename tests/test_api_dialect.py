@@ -259,3 +259,27 @@ async def test_management_endpoints_say_what_to_do_instead(
         r = await s.client.request(method, path, json={"model": MODEL})
         assert r.status_code == 501
         assert hint in r.json()["error"]
+
+
+async def test_ollama_tool_history_as_plain_turns_for_a_template_without_tools(
+    tmp_path: Path,
+) -> None:
+    history = [
+        USER,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "w", "arguments": {"c": 1}}}],
+        },
+        {"role": "tool", "content": "sunny", "tool_name": "w"},
+    ]
+    async with serving() as s:
+        _plain_model(s, tmp_path)
+        r = await s.client.post(
+            "/api/chat", json={"model": MODEL, "stream": False, "messages": history}
+        )
+        assert r.status_code == 200, r.text
+        sent = s.runner.requests[-1][1]["messages"]
+        assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+        assert '{"c":1}' in sent[1]["content"]
+        assert sent[2]["content"] == "Result of tool w: sunny"

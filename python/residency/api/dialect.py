@@ -24,6 +24,7 @@ __all__ = [
     "choices_wanted",
     "merged_answers",
     "prompt_tokens",
+    "runner_messages",
 ]
 
 _RESPONSE_TYPES = ("text", "json_object", "json_schema")
@@ -57,7 +58,9 @@ def _text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def _messages(messages: list[dict[str, Any]], *, template_tools: bool) -> list[dict[str, Any]]:
+def runner_messages(
+    messages: list[dict[str, Any]], *, template_tools: bool
+) -> list[dict[str, Any]]:
     """`developer` → `system`, `content: null` → "", and — for a template that knows no tools —
     tool calls and results written as the plain turns it accepts (alternating user/assistant)."""
     out: list[dict[str, Any]] = []
@@ -106,7 +109,7 @@ def chat_fields(fields: dict[str, Any], *, template_tools: bool) -> dict[str, An
     fmt = _response_format(fields.pop("response_format", None))
     if fmt is not None:
         fields["response_format"] = fmt
-    fields["messages"] = _messages(fields["messages"], template_tools=template_tools)
+    fields["messages"] = runner_messages(fields["messages"], template_tools=template_tools)
     return fields
 
 

@@ -16,8 +16,8 @@ from pydantic_core import to_json
 from starlette.responses import Response
 
 from residency.api._types import EntryLike, LeaseLike
-from residency.api.capabilities import refuse_missing, traits
-from residency.api.dialect import prompt_tokens
+from residency.api.capabilities import ModelTraits, refuse_missing, traits
+from residency.api.dialect import prompt_tokens, runner_messages
 from residency.api.metrics import RequestRecord
 from residency.api.ollama_models import router as models_router
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
@@ -59,7 +59,7 @@ async def generate(call: Call) -> Response:
     req = GenerateRequest.model_validate_json(await call.body())
     if not req.prompt and not req.images and not req.suffix:
         return await _load_or_unload(call, req, chat=False)
-    entry = await _check_capabilities(call, req, {"vision": bool(req.images)})
+    entry, _ = await _check_capabilities(call, req, {"vision": bool(req.images)})
     path, body = generate_body(req, req.model)
     with_store_defaults(body, entry)
     return await _generation(call, req, path=path, body=body, chat=False)
@@ -73,22 +73,27 @@ async def chat(call: Call) -> Response:
     if not req.messages:
         return await _load_or_unload(call, req, chat=True)
     images = any(m.images for m in req.messages)
-    entry = await _check_capabilities(call, req, {"tools": bool(req.tools), "vision": images})
+    entry, model = await _check_capabilities(
+        call, req, {"tools": bool(req.tools), "vision": images}
+    )
     body = chat_body(req, req.model)
+    # Tool calls and results in a history, as turns a template without tools accepts.
+    body["messages"] = runner_messages(body["messages"], template_tools=model.can("tools"))
     with_store_defaults(body, entry)
     return await _generation(call, req, path="/v1/chat/completions", body=body, chat=True)
 
 
 async def _check_capabilities(
     call: Call, req: GenerateRequest | ChatRequest, wanted: dict[str, bool]
-) -> EntryLike:
-    """Refuses, before any load, what the model cannot do (as Ollama does); the model's entry."""
+) -> tuple[EntryLike, ModelTraits]:
+    """Refuses, before any load, what the model cannot do (as Ollama does); the model's entry
+    and what it can do."""
     entry = call.state.scheduler.resolve(req.model)
     model = await asyncio.to_thread(traits, entry)
     # think: false (or "low"…) on a model without thinking is harmless; only asking for it is not.
     wanted["thinking"] = req.think not in (None, False)
     refuse_missing(req.model, model, wanted)
-    return entry
+    return entry, model
 
 
 async def _load_or_unload(

@@ -106,6 +106,10 @@ class LlamaCppPythonRunner(Runner):
             # Gemma 3 at its 32k training context. Only logprobs need them.
             "--logits_all",
             "false",
+            # Its default ends a running request when another arrives (an empty 200 answer);
+            # with one slot, requests must wait their turn instead.
+            "--interrupt_requests",
+            "false",
             # Verbose: llama.cpp's buffer-size lines are how the runner reports its memory.
             "--verbose",
             "true",
