@@ -354,3 +354,39 @@ def test_llama_index_ollama_with_default_settings(server: ServeProcess) -> None:
     structured.additional_kwargs = {"num_predict": 30}
     city = structured.as_structured_llm(City).complete("A city in France, as JSON.")
     assert json.loads(city.text)["city"]
+
+
+# ---- concurrency -----------------------------------------------------------------------------
+
+
+def test_eight_concurrent_streams_all_complete_and_distinct(server: ServeProcess) -> None:
+    """Requests for one model never interrupt each other: on a runner with slots they run side
+    by side, on one without (llama-cpp-python) they wait their turn; every stream ends whole."""
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[str, dict[str, Any]]:
+        body = {
+            "model": MODEL,
+            "prompt": f"Write the number {i} in words, then a fruit.",
+            "options": {"num_predict": FEW, "temperature": 0, "seed": i},
+        }
+        text, last = "", {}
+        async with client.stream("POST", "/api/generate", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line:
+                    last = json.loads(line)
+                    assert "error" not in last, last
+                    text += last.get("response", "")
+        return text, last
+
+    async def all_of_them() -> list[tuple[str, dict[str, Any]]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    results = asyncio.run(all_of_them())
+    for text, last in results:
+        assert text.strip()
+        assert last["done"] is True
+        assert last["eval_count"] > 0
+        assert last["prompt_eval_count"] > 0
+    assert len({text for text, _ in results}) == 8, [t for t, _ in results]
