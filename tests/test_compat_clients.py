@@ -10,8 +10,10 @@ installed is skipped with the reason printed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +51,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     with serving(tmp_path_factory.mktemp("compat"), "default_ctx = 2048\n") as srv:
         httpx.post(srv.url + "/api/generate", json={"model": MODEL}, timeout=120)  # warm
         yield srv
+    # The libraries leave sockets to the garbage collector: collected here, not in a later test.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def need(module: str) -> Any:
