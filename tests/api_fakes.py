@@ -119,17 +119,22 @@ class FakeRunner:
     #: Break the stream with an error event after this many tokens.
     fail_after: int | None = None
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: Texts counted on the tokenizer endpoint (not in `requests`).
+    counted: list[str] = field(default_factory=list)
     output: list[str] = field(default_factory=lambda: ["fake runner: last words"])
     closed_streams: int = 0
     tokens_sent: int = 0
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
+        path = request.url.path
+        if path == "/extras/tokenize/count":  # llama-cpp-python's tokenizer: one token a word
+            self.counted.append(body["input"])
+            return httpx.Response(200, json={"count": len(body["input"].split())})
         self.requests.append((request.url.path, body))
         if self.error is not None:
             status, payload = self.error
             return httpx.Response(status, json=payload)
-        path = request.url.path
         if path == "/v1/embeddings":
             inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
             data = [

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api_fakes import FakeRunner, serving
 from residency import cli
-from residency.api import ollama, openai
+from residency.api import ollama, ollama_models, openai
 from residency.api.app import BODY_MODELS
 
 pytestmark = pytest.mark.timeout(30)
@@ -54,7 +54,12 @@ async def test_openapi_schema_matches_the_endpoints() -> None:
         # Every route the app serves is published (HEAD / aside), and nothing else.
         served = {
             (m, r.path.replace("{model:path}", "{model}"))
-            for r in [*ollama.router.routes, *openai.router.routes, *s.app.routes]
+            for r in [
+                *ollama.router.routes,
+                *ollama_models.router.routes,
+                *openai.router.routes,
+                *s.app.routes,
+            ]
             if isinstance(r, APIRoute) and r.include_in_schema
             for m in r.methods
         }

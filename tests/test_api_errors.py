@@ -108,7 +108,7 @@ async def test_unknown_model_is_404_in_both_shapes() -> None:
     ("exc", "status", "fragment"),
     [
         (ServerBusyError("server busy: 512 requests waiting", retry_after_s=2.5), 503, "busy"),
-        (RunnerError("runner failed to start", "CUDA out of memory"), 502, "CUDA out of memory"),
+        (RunnerError("runner failed to start", "CUDA out of memory"), 502, "failed to start"),
         (ModelTooLargeError("model needs 80 GiB"), 500, "80 GiB"),
         (InvalidArgumentError("option num_ctx must be a positive integer"), 400, "num_ctx"),
     ],
@@ -145,14 +145,25 @@ async def test_runner_validation_detail_is_reported() -> None:
         assert_openai_error(r, 400, "messages.0.role: bad role")
 
 
-async def test_runner_failure_is_502_with_its_message_and_output() -> None:
-    async with serving(FakeRunner(error=(500, {"error": "llama_decode returned -1"}))) as s:
+async def test_runner_failure_is_502_with_its_message_and_a_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runner = FakeRunner(error=(500, {"error": "llama_decode returned -1"}))
+    runner.output.append("/secret/path: another request's output")
+    async with serving(runner) as s:
         for stream in (False, True):
             r = await s.client.post("/api/chat", json={**OLLAMA_CHAT, "stream": stream})
             msg = assert_ollama_error(r, 502, "llama_decode returned -1", "HTTP 500")
-            assert "fake runner: last words" in msg  # the runner's output tail
+            # The runner's log stays in the server's log, under the id the client is given.
+            assert "last words" not in msg
+            assert "secret" not in msg
+            rid = r.headers["x-request-id"]
+            assert f"request {rid}" in msg
+            logged = [rec.getMessage() for rec in caplog.records if rid in rec.getMessage()]
+            assert any("another request's output" in line for line in logged)
         r = await s.client.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
-        assert_openai_error(r, 502, "llama_decode returned -1")
+        err = assert_openai_error(r, 502, "llama_decode returned -1")
+        assert "last words" not in err["message"]
         assert s.sched.refcount == 0
 
 
@@ -185,7 +196,7 @@ async def test_error_after_streaming_began_ends_the_stream_with_an_error_line() 
 
 async def test_unknown_route_and_method_use_the_api_shape() -> None:
     async with serving() as s:
-        assert_ollama_error(await s.client.post("/api/pull", json={}), 404, "Not Found")
+        assert_ollama_error(await s.client.post("/api/nothing", json={}), 404, "Not Found")
         assert_openai_error(await s.client.get("/v1/nothing"), 404, "Not Found")
         assert_ollama_error(await s.client.get("/api/chat"), 405, "Method Not Allowed")
 
@@ -349,6 +360,8 @@ async def test_stream_cut_short_by_the_runner_is_an_error() -> None:
         lines = ndjson(r.text)
         assert "ended its stream without finishing" in lines[-1]["error"]
         r = await s.client.post("/v1/chat/completions", json={**OPENAI_CHAT, "stream": True})
-        assert "llama_decode returned -3" in sse(r.text)[-1]["error"]["message"]  # output tail
+        message = sse(r.text)[-1]["error"]["message"]
+        assert "ended its stream without finishing" in message
+        assert "llama_decode" not in message  # the runner log stays in the server log
         r = await s.client.post("/api/chat", json=OLLAMA_CHAT)  # cut mid-answer, unstreamed
         assert_ollama_error(r, 502, "ended its stream without finishing")

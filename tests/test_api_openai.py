@@ -121,7 +121,7 @@ async def test_models_list_and_lookup() -> None:
     async with serving(names=("gemma3:270m", "org/other")) as s:
         body = (await s.client.get("/v1/models")).json()
         assert body["object"] == "list"
-        assert [m["id"] for m in body["data"]] == ["gemma3:270m", "org/other"]
+        assert [m["id"] for m in body["data"]] == ["gemma3:270m", "org/other:latest"]
         assert all(m["object"] == "model" and isinstance(m["created"], int) for m in body["data"])
         one = (await s.client.get("/v1/models/org/other")).json()
         assert one["id"] == "org/other"

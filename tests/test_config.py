@@ -288,7 +288,7 @@ def test_one_gguf_parse_serves_registry_show_and_estimator(tmp_path: Path) -> No
     assert header.metadata["tokenizer.ggml.tokens"] == []  # long arrays skipped, counted
     info, _ = model_info(path, verbose=False)
     assert info["llama.context_length"] == 1024
-    assert info["tokenizer.ggml.tokens"] == []
+    assert info["tokenizer.ggml.tokens"] is None  # null unless verbose, as Ollama
     verbose, _ = model_info(path, verbose=True)
     assert verbose["tokenizer.ggml.tokens"][:2] == ["t0", "t1"]
     assert read_model(path).n_vocab == 5000

@@ -137,7 +137,15 @@ def _wait_until(predicate: Any, timeout_s: float, what: str) -> None:
 
 
 def test_the_store_is_served_with_ollamas_names(server: Server) -> None:
-    tags = httpx.get(server.url + "/api/tags", timeout=10).json()["models"]
+    def tags_now() -> list[dict[str, Any]]:
+        models: list[dict[str, Any]] = httpx.get(server.url + "/api/tags", timeout=10).json()[
+            "models"
+        ]
+        return models
+
+    # Digests (the files' SHA-256) are hashed in the background after start-up.
+    _wait_until(lambda: all(m["digest"] for m in tags_now()), 60, "the models' digests")
+    tags = tags_now()
     assert sorted(m["name"] for m in tags) == [MODEL, TINY]
     listed = cli(server, "list")
     assert listed.returncode == 0, listed.stderr

@@ -65,4 +65,6 @@ class RunnerError(ResidencyError):
         super().__init__(
             f"{message}\n--- runner output ---\n{output_tail}" if output_tail else message
         )
+        #: What went wrong, without the runner's output (which may hold other requests' text).
+        self.summary = message
         self.output_tail = output_tail

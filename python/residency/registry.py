@@ -204,7 +204,10 @@ def model_info(path: Path, *, verbose: bool) -> tuple[dict[str, Any], str]:
     arrays only when `verbose` (as Ollama), and general.parameter_count. Raises OSError or
     ValueError for a file that changed or broke since it was listed."""
     header = read_header(path, arrays=verbose)
-    info = {k: v if verbose or not isinstance(v, list) else [] for k, v in header.metadata.items()}
+    # Arrays only when verbose, else null: as Ollama shows them.
+    info = {
+        k: v if verbose or not isinstance(v, list) else None for k, v in header.metadata.items()
+    }
     template = info.pop("tokenizer.chat_template", "") or ""
     info.setdefault("general.parameter_count", header.parameter_count)
     return info, str(template)

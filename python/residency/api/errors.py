@@ -7,8 +7,10 @@ serves both routers and no handler formats errors by hand.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -131,17 +133,50 @@ def _api_error(exc: BaseException) -> ApiError:
         return ApiError(400, str(exc), code="invalid_argument")
     if isinstance(exc, RunnerRejected):
         # The runner refused the request itself (context exceeded, bad field): the client's.
-        return ApiError(400, exc.message, code="invalid_request")
+        return ApiError(400, _short(exc.message), code="invalid_request")
     if isinstance(exc, RunnerError):
-        return ApiError(502, str(exc), code="runner_error")
+        rid = _logged(exc, "runner error")
+        return ApiError(
+            502,
+            f"{_short(exc.summary)} (request {rid}; the runner's output is in the server log)",
+            code="runner_error",
+            headers={REQUEST_ID_HEADER: rid},
+        )
     if isinstance(exc, ModelTooLargeError):
         return ApiError(500, str(exc), code="model_too_large")
     if isinstance(exc, ResidencyError):
         return ApiError(500, str(exc), code=type(exc).__name__)
     if isinstance(exc, StarletteHTTPException):
         return ApiError(exc.status_code, str(exc.detail), headers=exc.headers)
-    log.error("unexpected error serving a request", exc_info=exc)
-    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+    rid = _logged(exc, "unexpected error serving a request")
+    return ApiError(
+        500,
+        f"internal error: {type(exc).__name__} (request {rid}; details in the server log)",
+        code="internal_error",
+        headers={REQUEST_ID_HEADER: rid},
+    )
+
+
+#: Clients quote it; the server log has the full story under the same id.
+REQUEST_ID_HEADER = "X-Request-Id"
+_MAX_REASON = 300
+
+
+def _short(message: str) -> str:
+    """One line of a server-side message, bounded: what a client may read."""
+    line = message.strip().splitlines()[0] if message.strip() else "failed"
+    return line if len(line) <= _MAX_REASON else line[: _MAX_REASON - 1] + "…"
+
+
+def _logged(exc: BaseException, what: str) -> str:
+    """Logs `exc` in full once (with its runner output) under a new request id; that id."""
+    rid: str | None = getattr(exc, "residency_request_id", None)
+    if rid is None:
+        rid = uuid.uuid4().hex[:12]
+        with contextlib.suppress(AttributeError):  # an exception type with __slots__
+            exc.residency_request_id = rid  # type: ignore[attr-defined]
+        log.error("%s [request %s]: %s", what, rid, exc, exc_info=exc)
+    return rid
 
 
 def is_openai_path(path: str) -> bool:

@@ -11,35 +11,32 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic_core import to_json
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 
-from residency import __version__
-from residency.api._types import EntryLike, LeaseLike, ResidentLike
-from residency.api.errors import ApiError
-from residency.api.limits import check_model_name, parse_body, read_body
+from residency.api._types import EntryLike, LeaseLike
+from residency.api.capabilities import ModelTraits, refuse_missing, traits
+from residency.api.dialect import prompt_tokens, runner_messages
 from residency.api.metrics import RequestRecord
+from residency.api.ollama_models import router as models_router
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
-from residency.api.proxy import json_response, now_ns
+from residency.api.proxy import now_ns
 from residency.api.schemas import (
     ChatRequest,
     EmbeddingsRequest,
     EmbedRequest,
     GenerateRequest,
-    ShowRequest,
 )
-from residency.api.security import key_allows
-from residency.api.state import State, api_state, body_schema
+from residency.api.state import body_schema
 from residency.api.translate import (
     Generation,
     chat_body,
     generate_body,
     rfc3339_now,
     split_options,
+    with_store_defaults,
 )
-from residency.registry import model_info
-from residency.runners.kvcache import kv_stats_json
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -62,7 +59,9 @@ async def generate(call: Call) -> Response:
     req = await call.parse(GenerateRequest)
     if not req.prompt and not req.images and not req.suffix:
         return await _load_or_unload(call, req, chat=False)
+    entry, _ = await _check_capabilities(call, req, {"vision": bool(req.images)})
     path, body = generate_body(req, req.model)
+    with_store_defaults(body, entry)
     return await _generation(call, req, path=path, body=body, chat=False)
 
 
@@ -73,8 +72,28 @@ async def chat(call: Call) -> Response:
     req = await call.parse(ChatRequest)
     if not req.messages:
         return await _load_or_unload(call, req, chat=True)
+    images = any(m.images for m in req.messages)
+    entry, model = await _check_capabilities(
+        call, req, {"tools": bool(req.tools), "vision": images}
+    )
     body = chat_body(req, req.model)
+    # Tool calls and results in a history, as turns a template without tools accepts.
+    body["messages"] = runner_messages(body["messages"], template_tools=model.can("tools"))
+    with_store_defaults(body, entry)
     return await _generation(call, req, path="/v1/chat/completions", body=body, chat=True)
+
+
+async def _check_capabilities(
+    call: Call, req: GenerateRequest | ChatRequest, wanted: dict[str, bool]
+) -> tuple[EntryLike, ModelTraits]:
+    """Refuses, before any load, what the model cannot do (as Ollama does); the model's entry
+    and what it can do."""
+    entry = call.state.scheduler.resolve(req.model)
+    model = await asyncio.to_thread(traits, entry)
+    # think: false (or "low"…) on a model without thinking is harmless; only asking for it is not.
+    wanted["thinking"] = req.think not in (None, False)
+    refuse_missing(req.model, model, wanted)
+    return entry, model
 
 
 async def _load_or_unload(
@@ -128,6 +147,7 @@ async def _generation(
                 gen = Generation(upstream.t_sent)
                 async for event, at in upstream:
                     gen.feed(event, at)
+                await _count_prompt(gen, upstream.lease, body)
             finally:
                 await upstream.aclose()
             return _final(asked, gen, rec, upstream.lease, chat=chat, whole=True)
@@ -162,6 +182,7 @@ async def _generation(
                 "done": False,
             }
             yield to_json(calls) + _NL
+        await _count_prompt(gen, upstream.lease, body)
         yield to_json(_final(asked, gen, rec, upstream.lease, chat=chat, whole=False)) + _NL
 
     # Headers are gone once streaming: an error becomes the stream's last line, as Ollama does it.
@@ -182,6 +203,14 @@ def _work(req: GenerateRequest | ChatRequest) -> dict[str, Any]:
         return {"options": options, "messages": len(messages), "prompt_chars": chars}
     chars = len(req.prompt or "") + len(req.system or "") + len(req.suffix or "")
     return {"options": options, "prompt_chars": chars}
+
+
+async def _count_prompt(gen: Generation, lease: LeaseLike, body: dict[str, Any]) -> None:
+    """prompt_eval_count from the runner's tokenizer when its stream did not report one."""
+    if gen.prompt_count() is None:
+        count = await prompt_tokens(lease, body)
+        if count is not None:
+            gen.usage = {**(gen.usage or {}), "prompt_tokens": count}
 
 
 def _final(
@@ -259,137 +288,5 @@ def _named(body: dict[str, Any]) -> Callable[[LeaseLike], Body]:
     return named
 
 
-# ---- models ----------------------------------------------------------------------------------
-
-
-def ollama_details(entry: EntryLike) -> dict[str, Any]:
-    """Ollama's ``details`` object (only its keys: clients validate it)."""
-    d = entry.details
-    family = d.get("family", "")
-    return {
-        "parent_model": "",
-        "format": d.get("format", "gguf"),
-        "family": family,
-        "families": d.get("families") or ([family] if family else None),
-        "parameter_size": d.get("parameter_size", ""),
-        "quantization_level": d.get("quantization_level", ""),
-    }
-
-
-def _expires_at(r: ResidentLike) -> str:
-    if r.expires_at is not None:
-        return r.expires_at.isoformat().replace("+00:00", "Z")
-    # Kept forever (or pinned): Ollama shows time.Now() + MaxInt64, about 292 years ahead.
-    from datetime import datetime, timedelta, timezone
-
-    far = datetime.now(timezone.utc) + timedelta(microseconds=_FOREVER_NS // 1000)
-    return far.isoformat().replace("+00:00", "Z")
-
-
-@router.get("/api/ps")
-async def ps(state: State) -> Response:
-    """Resident models, with residency's own accounting beside Ollama's fields."""
-    models = []
-    for r in state.scheduler.resident():
-        models.append(
-            {
-                "name": r.name,
-                "model": r.name,
-                "size": r.bytes,
-                "digest": r.entry.digest,
-                "details": ollama_details(r.entry),
-                "expires_at": _expires_at(r),
-                "size_vram": r.size_vram,
-                "context_length": r.context_length,
-                # residency's additions: where it lives, what was promised, what was measured.
-                "device": r.device,
-                "state": r.state,
-                "reserved_bytes": r.bytes,
-                "estimated_bytes": r.estimated_bytes,
-                "measured_bytes": r.measured_bytes,
-                "refcount": r.refcount,
-                # Bytes of its model file in the host's page cache now (mincore); None: unknown.
-                "warm_bytes": r.warm_bytes,
-            }
-        )
-    # residency's addition: KV slots saved before runners stopped and restored after, by model.
-    return json_response({"models": models, "kv_cache": kv_stats_json()})
-
-
-@router.get("/api/tags")
-async def tags(request: Request, state: State) -> Response:
-    """Every model clients may ask for (with a key: those the key may use)."""
-    return json_response(
-        {
-            "models": [
-                {
-                    "name": e.name,
-                    "model": e.name,
-                    "modified_at": e.modified_at.isoformat().replace("+00:00", "Z"),
-                    "size": e.size_bytes,
-                    "digest": e.digest,
-                    "details": ollama_details(e),
-                }
-                for e in state.scheduler.models()
-                if key_allows(request.scope, e.name)
-            ]
-        }
-    )
-
-
-@router.post("/api/show", openapi_extra=body_schema(ShowRequest))
-async def show(request: Request) -> Response:
-    """A model's details, GGUF metadata (``model_info``), template and parameters."""
-    state = api_state(request)
-    req = parse_body(ShowRequest, await read_body(request, state.settings), state.settings)
-    check_model_name(req.model_name)
-    entry = state.scheduler.resolve(req.model_name)
-    if not key_allows(request.scope, entry.name):
-        raise ApiError(403, f"this API key may not use model {entry.name!r}")
-    info: dict[str, Any] = {}
-    template = ""
-    if entry.details.get("format") == "gguf":
-        try:
-            info, template = await asyncio.to_thread(model_info, entry.path, verbose=req.verbose)
-        except (OSError, ValueError) as err:  # the file changed or broke since start-up
-            raise ApiError(500, f"cannot read {entry.path}: {err}") from err
-    options = dict(entry.options)
-    params = []
-    for key, name in (("ctx", "num_ctx"), ("gpu_layers", "num_gpu"), ("parallel", "num_parallel")):
-        value = options.get(key)
-        if value is not None and value != "auto":
-            params.append(f"{name:<30} {value}")
-    modelfile = f'# Modelfile generated by "residency"\nFROM {entry.path}\n'
-    if template:
-        modelfile += f'TEMPLATE """{template}"""\n'
-    modelfile += "".join(f"PARAMETER {p.split()[0]} {p.split()[1]}\n" for p in params)
-    capabilities = ["completion"]
-    if "tools" in template:
-        capabilities.append("tools")
-    return json_response(
-        {
-            "modelfile": modelfile,
-            "parameters": "\n".join(params),
-            "template": template,
-            "details": ollama_details(entry),
-            "model_info": info,
-            "capabilities": capabilities,
-            "modified_at": entry.modified_at.isoformat().replace("+00:00", "Z"),
-        }
-    )
-
-
-@router.get("/api/version")
-async def version() -> Response:
-    return json_response({"version": __version__})
-
-
-@router.get("/", response_class=PlainTextResponse)
-async def root() -> Response:
-    # Clients probe this text to find a server; residency answers as Ollama does.
-    return PlainTextResponse("Ollama is running")
-
-
-@router.head("/", include_in_schema=False)
-async def root_head() -> Response:
-    return Response(media_type="text/plain")
+# The model listing and metadata endpoints live beside, on their own router.
+router.include_router(models_router)

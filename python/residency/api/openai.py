@@ -7,6 +7,7 @@ OpenAI lacks), ``encoding_format: "base64"`` for embeddings, and errors in OpenA
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,8 +18,18 @@ from pydantic_core import from_json, to_json
 from starlette.responses import Response
 
 from residency.api._types import LeaseLike
+from residency.api.capabilities import refuse_missing, traits
+from residency.api.dialect import (
+    chat_fields,
+    check_completion,
+    check_embedding_input,
+    choices_wanted,
+    merged_answers,
+    prompt_tokens,
+)
 from residency.api.errors import ApiError, error_body
 from residency.api.limits import check_model_name
+from residency.api.ollama_models import tagged
 from residency.api.pipeline import Call, endpoint, shaped_embeddings
 from residency.api.proxy import json_response
 from residency.api.schemas import (
@@ -29,6 +40,7 @@ from residency.api.schemas import (
 )
 from residency.api.security import key_allows
 from residency.api.state import State, body_schema
+from residency.api.translate import with_store_defaults
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -45,17 +57,35 @@ _DONE = b"data: [DONE]\n\n"
 @router.post("/chat/completions", openapi_extra=body_schema(OpenAIChatRequest))
 @endpoint("openai", "/v1/chat/completions")
 async def chat_completions(call: Call) -> Response:
-    raw = await call.body()
-    req = await call.parse(OpenAIChatRequest, raw)
-    return await _forward(call, req, path="/v1/chat/completions", raw=raw, stream=req.stream)
+    req = await call.parse(OpenAIChatRequest, await call.body())
+    call.admit(req.model, req.keep_alive, _load_options(req), stream=req.stream, work=_work(req))
+    entry = call.state.scheduler.resolve(req.model)
+    model = await asyncio.to_thread(traits, entry)
+    fields = req.model_dump(exclude_unset=True, exclude=set(_EXTENSIONS))
+    n = choices_wanted(fields, stream=req.stream)
+    refuse_missing(req.model, model, {"tools": bool(fields.get("tools"))})
+    fields = with_store_defaults(chat_fields(fields, template_tools=model.can("tools")), entry)
+    return await _serve(call, req, "/v1/chat/completions", [fields] * n)
 
 
 @router.post("/completions", openapi_extra=body_schema(OpenAICompletionRequest))
 @endpoint("openai", "/v1/completions")
 async def completions(call: Call) -> Response:
-    raw = await call.body()
-    req = await call.parse(OpenAICompletionRequest, raw)
-    return await _forward(call, req, path="/v1/completions", raw=raw, stream=req.stream)
+    req = await call.parse(OpenAICompletionRequest, await call.body())
+    call.admit(req.model, req.keep_alive, _load_options(req), stream=req.stream, work=_work(req))
+    fields = req.model_dump(exclude_unset=True, exclude=set(_EXTENSIONS))
+    n = choices_wanted(fields, stream=req.stream)
+    prompts = check_completion(req.prompt)
+    if len(prompts) > 1 and req.stream:
+        raise ApiError(
+            400, "a list of prompts is served only without streaming", code="invalid_prompt"
+        )
+    limit = fields.pop("max_completion_tokens", None)
+    if limit is not None and fields.get("max_tokens") is None:
+        fields["max_tokens"] = limit
+    with_store_defaults(fields, call.state.scheduler.resolve(req.model))
+    bodies = [{**fields, "prompt": p} for p in prompts for _ in range(n)]
+    return await _serve(call, req, "/v1/completions", bodies)
 
 
 @router.post("/embeddings", openapi_extra=body_schema(OpenAIEmbeddingRequest))
@@ -64,6 +94,7 @@ async def embeddings(call: Call) -> Response:
     raw = await call.body()
     req = await call.parse(OpenAIEmbeddingRequest, raw)
     call.admit(req.model, req.keep_alive, _load_options(req))
+    check_embedding_input(req.input)
     result, _ = await call.embed(_runner_body(req, raw, _EXTENSIONS_B64))
     data = result.data
     data["model"] = req.model
@@ -76,6 +107,11 @@ async def embeddings(call: Call) -> Response:
             item["embedding"] = base64.b64encode(packed).decode("ascii")
         else:
             item["embedding"] = vector
+    if "usage" not in data and result.prompt_tokens is not None:
+        data["usage"] = {
+            "prompt_tokens": result.prompt_tokens,
+            "total_tokens": result.prompt_tokens,
+        }
     return call.respond(data)
 
 
@@ -96,7 +132,7 @@ async def get_model(model: str, request: Request, state: State) -> Response:
 
 def _model_card(entry: Any, name: str | None = None) -> dict[str, Any]:
     return {
-        "id": name or entry.name,
+        "id": name or tagged(entry.name),
         "object": "model",
         "created": int(entry.modified_at.timestamp()),
         "owned_by": "residency",
@@ -138,37 +174,51 @@ def _work(req: _OpenAIBase) -> dict[str, Any]:
     return work
 
 
-def _rename(content: bytes, asked: str) -> bytes:
-    """The runner's answer with the model name the client asked for."""
-    # The usual case, without a parse: the first "model" key (the top-level one in the runners'
-    # compact JSON, written before any nested object) already names it.
-    at = content.find(b'"model":')
-    if at >= 0 and content.startswith(to_json(asked), at + 8):
-        return content
-    data = from_json(content)
-    if isinstance(data, dict) and data.get("model") != asked:
-        data["model"] = asked
-        return to_json(data)
-    return content
+def _named_body(fields: dict[str, Any]) -> Callable[[LeaseLike], Body]:
+    def body(lease: LeaseLike) -> Body:
+        return {**fields, "model": lease.entry.name}
+
+    return body
 
 
-async def _forward(
-    call: Call, req: _OpenAIBase, *, path: str, raw: bytes, stream: bool
-) -> Response:
-    call.admit(req.model, req.keep_alive, _load_options(req), stream=stream, work=_work(req))
+async def _serve(call: Call, req: _OpenAIBase, path: str, bodies: list[dict[str, Any]]) -> Response:
+    """One runner request per body (several: one per prompt and choice, served in turn)."""
     asked = req.model
-    body = _runner_body(req, raw, _EXTENSIONS)
-    if not stream:
-        content = await call.complete(path, body)
-        return call.respond(_rename(content, asked))
+    if not getattr(req, "stream", False):
+        answers = []
+        for fields in bodies:
+            answer = from_json(await call.complete(path, _named_body(fields)))
+            answer["_prompt_key"] = str(fields.get("prompt", ""))
+            answers.append(answer)
+        data = merged_answers(answers)
+        data["model"] = asked
+        return call.respond(data)
 
-    upstream = await call.until_disconnected(call.open_stream(path, body))
+    (fields,) = bodies
+    wants_usage = bool((fields.get("stream_options") or {}).get("include_usage"))
+    # Asked always: runners that can (llama-server) then count exactly; others are counted here.
+    fields = {**fields, "stream_options": {"include_usage": True}}
+    upstream = await call.until_disconnected(call.open_stream(path, _named_body(fields)))
 
     async def events() -> AsyncIterator[bytes]:
+        usage: dict[str, Any] | None = None
+        pieces, last = 0, {}
         async for event, _ in upstream:
-            if event.get("model") != asked:
-                event["model"] = asked
+            event["model"] = asked
+            if isinstance(event.get("usage"), dict):
+                usage = event["usage"]
+            if not wants_usage:
+                event.pop("usage", None)
+            if not event.get("choices") and "usage" not in event:
+                continue  # a usage-only chunk the client did not ask for
+            pieces += sum(1 for c in event.get("choices") or () if _has_text(c))
+            last = event
             yield b"data: " + to_json(event) + b"\n\n"
+        if wants_usage and usage is None:
+            usage = await _counted_usage(upstream.lease, fields, pieces)
+            tail = {k: last[k] for k in ("id", "object", "created") if k in last}
+            yield b"data: " + to_json({**tail, "model": asked, "choices": [], "usage": usage})
+            yield b"\n\n"
         yield _DONE
 
     # OpenAI's clients raise on a data event that carries "error".
@@ -179,3 +229,16 @@ async def _forward(
         media_type=SSE,
         headers={"Cache-Control": "no-cache"},
     )
+
+
+def _has_text(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta")
+    if delta is None:
+        return bool(choice.get("text"))
+    return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
+
+
+async def _counted_usage(lease: LeaseLike, fields: dict[str, Any], pieces: int) -> dict[str, int]:
+    """Usage for a runner that streams none (llama-cpp-python): one streamed piece per token."""
+    prompt = await prompt_tokens(lease, fields) or 0
+    return {"prompt_tokens": prompt, "completion_tokens": pieces, "total_tokens": prompt + pieces}

@@ -24,6 +24,7 @@ __all__ = [
     "generate_body",
     "rfc3339_now",
     "split_options",
+    "with_store_defaults",
 ]
 
 #: Ollama options that change how a model is loaded (they go to the scheduler, not the runner).
@@ -175,6 +176,23 @@ def generate_body(req: GenerateRequest, model: str) -> tuple[str, dict[str, Any]
     return "/v1/chat/completions", body
 
 
+def with_store_defaults(body: dict[str, Any], entry: Any) -> dict[str, Any]:
+    """`body` (a runner request) over the model's own defaults from Ollama's store: its
+    ``parameters`` under the request's options, its ``system`` prompt when the request has none."""
+    config = getattr(entry, "config", None)  # a registry entry's ModelConfig
+    params, _ = split_options(getattr(config, "parameters", None) or {})
+    for key, value in params.items():
+        body.setdefault(key, value)
+    system = getattr(config, "system", None)
+    messages = body.get("messages")
+    has_system = isinstance(messages, list) and any(
+        m.get("role") in ("system", "developer") for m in messages
+    )
+    if system and isinstance(messages, list) and not has_system:
+        messages.insert(0, {"role": "system", "content": system})
+    return body
+
+
 def rfc3339_now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -269,6 +287,14 @@ class Generation:
                 args = slot["arguments"]
             calls.append({"function": {"name": slot["name"], "arguments": args}})
         return calls
+
+    def prompt_count(self) -> int | None:
+        """The prompt's tokens as the runner reported them (usage or timings), if it did."""
+        if self.timings and self.timings.get("prompt_n") is not None:
+            return int(self.timings["prompt_n"])
+        if self.usage and self.usage.get("prompt_tokens") is not None:
+            return int(self.usage["prompt_tokens"])
+        return None
 
     @property
     def done_reason(self) -> str:

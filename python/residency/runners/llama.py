@@ -120,6 +120,14 @@ class LlamaCppPythonRunner(Runner):
             "false",
             "--embedding",
             "true" if self.embedding else "false",
+            # The server's default (true) keeps n_ctx x n_vocab float32 logits: 32 GiB for
+            # Gemma 3 at its 32k training context. Only logprobs need them.
+            "--logits_all",
+            "false",
+            # Its default ends a running request when another arrives (an empty 200 answer);
+            # with one slot, requests must wait their turn instead.
+            "--interrupt_requests",
+            "false",
             # Verbose: llama.cpp's buffer-size lines are how the runner reports its memory.
             "--verbose",
             "true",

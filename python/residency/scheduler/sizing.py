@@ -49,11 +49,20 @@ class Sizing:
         cfg = entry.config
         opts = dict(options)
         ctx = _opt_int(opts, ("ctx", "num_ctx")) or cfg.ctx
+        trained = entry.context_length
         if ctx is None:
             ctx = self.settings.default_ctx
-            trained = entry.context_length
             if trained:
                 ctx = min(ctx, trained)
+        elif trained and ctx > trained:
+            # As Ollama: a context beyond the model's training one is clamped, with a warning.
+            log.warning(
+                "requested context size too large for model %s: num_ctx=%d n_ctx_train=%d",
+                entry.name,
+                ctx,
+                trained,
+            )
+            ctx = trained
         parallel = _opt_int(opts, ("parallel", "num_parallel")) or cfg.parallel
         kv_type = opts.get("kv_type", cfg.kv_type)
         if not isinstance(kv_type, str):
