@@ -283,3 +283,18 @@ async def test_ollama_tool_history_as_plain_turns_for_a_template_without_tools(
         assert [m["role"] for m in sent] == ["user", "assistant", "user"]
         assert '{"c":1}' in sent[1]["content"]
         assert sent[2]["content"] == "Result of tool w: sunny"
+
+
+def test_one_answer_keeps_the_runners_usage_details() -> None:
+    # llama-server reports the prompt tokens its cache served (the KV-restore tests read them).
+    from residency.api.dialect import merged_answers
+
+    usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    answer = {
+        "choices": [{"index": 0}],
+        "usage": {**usage, "prompt_tokens_details": {"cached_tokens": 7}},
+    }
+    assert merged_answers([{**answer, "_prompt_key": ""}]) == answer
+    two = merged_answers([{**answer, "_prompt_key": "a"}, {**answer, "_prompt_key": "b"}])
+    assert two["usage"] == {"prompt_tokens": 18, "completion_tokens": 4, "total_tokens": 22}
+    assert [c["index"] for c in two["choices"]] == [0, 1]

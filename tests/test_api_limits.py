@@ -197,7 +197,7 @@ LONG = "x" * 100_000
             "/api/generate",
             b'{"model": "gemma3:270m", "prompt": "x", "options": {"num_ctx": 99999999}}',
             400,
-            "num_ctx must be between 1 and 32768",
+            "num_ctx must be between 1 and 1048576",
         ),
         (
             "/v1/chat/completions",
@@ -255,7 +255,7 @@ async def test_a_huge_keep_alive_means_forever_with_the_real_scheduler(tmp_path:
                 )
                 assert r.status_code == 200, r.text
                 ps = (await client.get("/api/ps")).json()["models"]
-                assert [(m["name"], m["refcount"]) for m in ps] == [("a", 0)]
+                assert [(m["name"], m["refcount"]) for m in ps] == [("a:latest", 0)]
                 assert ps[0]["expires_at"].startswith("2")  # ~292 years ahead: forever
             r = await client.post("/api/generate", json={"model": "a", "keep_alive": 0})
             assert r.status_code == 200

@@ -103,9 +103,9 @@ async def test_a_keys_model_allow_list_and_its_name_in_the_log(
         assert ok.status_code == 200
         assert [x["model"] for x in s.sched.sessions] == ["other"]
         tags = (await s.client.get("/api/tags", headers=bob)).json()["models"]
-        assert [m["name"] for m in tags] == ["other"]
+        assert [m["name"] for m in tags] == ["other:latest"]
         cards = (await s.client.get("/v1/models", headers=bob)).json()["data"]
-        assert [c["id"] for c in cards] == ["other"]
+        assert [c["id"] for c in cards] == ["other:latest"]
         shown = await s.client.post("/api/show", json={"model": MODEL_A}, headers=bob)
         assert shown.status_code == 403
         assert (await s.client.get(f"/v1/models/{MODEL_A}", headers=bob)).status_code == 403

@@ -56,7 +56,8 @@ def _post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
 
 
 def _resident(server: Server) -> dict[str, dict[str, Any]]:
-    return {m["name"]: m for m in server.ps()["models"]}
+    """/api/ps by configured name (it lists them as Ollama does, with their `:latest` tag)."""
+    return {m["name"].removesuffix(":latest"): m for m in server.ps()["models"]}
 
 
 def test_load_runs_llama_server_and_reports_measured_bytes(server: Server) -> None:

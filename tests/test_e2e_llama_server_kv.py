@@ -92,7 +92,7 @@ def _turns(server: Server, model: str) -> list[dict[str, str]]:
 
 def _evict(server: Server, model: str) -> None:
     server.chat("tiny", [{"role": "user", "content": "hello"}])
-    assert model not in {m["name"] for m in server.ps()["models"]}
+    assert f"{model}:latest" not in {m["name"] for m in server.ps()["models"]}
 
 
 def test_next_turn_after_eviction_is_served_from_the_restored_cache(server: Server) -> None:

@@ -134,8 +134,12 @@ def check_embedding_input(value: Any) -> None:
 
 def merged_answers(answers: list[dict[str, Any]]) -> dict[str, Any]:
     """Several runner answers (one per prompt and choice) as one, choices numbered in order and
-    usage summed (the prompt counted once per distinct prompt, as OpenAI counts it)."""
+    usage summed (the prompt counted once per distinct prompt, as OpenAI counts it). A single
+    answer passes unchanged: its usage keeps what the runner adds (cached prompt tokens)."""
     out = dict(answers[0])
+    if len(answers) == 1:
+        out.pop("_prompt_key", None)
+        return out
     choices: list[dict[str, Any]] = []
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     prompts_seen: set[str] = set()

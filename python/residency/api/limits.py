@@ -148,5 +148,7 @@ def check_work(
         _positive_int(name, opts.get(name, fields.get(name)), settings.max_num_predict)
     _positive_int("n", fields.get("n"), settings.max_n)
     num_ctx = opts.get("num_ctx", fields.get("num_ctx"))
-    ctx_limit = context_length or settings.max_num_ctx
+    # Beyond the model's training context a num_ctx is clamped to it, as Ollama does (sizing);
+    # only absurd values, beyond what any model here could be asked for, are refused.
+    ctx_limit = max(context_length or 0, settings.max_num_ctx)
     _positive_int("num_ctx", num_ctx, ctx_limit)

@@ -18,6 +18,8 @@ from starlette.responses import Response
 from residency.api._types import EntryLike, LeaseLike
 from residency.api.capabilities import ModelTraits, refuse_missing, traits
 from residency.api.dialect import prompt_tokens, runner_messages
+from residency.api.errors import ApiError
+from residency.api.limits import check_model_name
 from residency.api.metrics import RequestRecord
 from residency.api.ollama_models import router as models_router
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
@@ -28,6 +30,7 @@ from residency.api.schemas import (
     EmbedRequest,
     GenerateRequest,
 )
+from residency.api.security import SCOPE_KEY, ApiKey
 from residency.api.state import body_schema
 from residency.api.translate import (
     Generation,
@@ -88,7 +91,13 @@ async def _check_capabilities(
 ) -> tuple[EntryLike, ModelTraits]:
     """Refuses, before any load, what the model cannot do (as Ollama does); the model's entry
     and what it can do."""
+    # The checks admit() makes before anything else, made here before the model is read.
+    check_model_name(req.model)
+    call.rec.model = req.model
     entry = call.state.scheduler.resolve(req.model)
+    key: ApiKey | None = call.request.scope.get(SCOPE_KEY)
+    if key is not None and not key.allows(entry.name):
+        raise ApiError(403, f"key {key.name!r} may not use model {entry.name!r}")
     model = await asyncio.to_thread(traits, entry)
     # think: false (or "low"…) on a model without thinking is harmless; only asking for it is not.
     wanted["thinking"] = req.think not in (None, False)
