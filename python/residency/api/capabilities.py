@@ -7,6 +7,7 @@ is given the benefit of the doubt: the request goes to its runner unchanged.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from residency.api._types import EntryLike
 from residency.api.errors import ApiError
 from residency.gguf_header import read_header
 
-__all__ = ["ModelTraits", "refuse_missing", "traits"]
+__all__ = ["ModelTraits", "model_traits", "refuse_missing", "traits"]
 
 # Template text that shows the model was trained with tool calls / a thinking section.
 _TOOL_MARKERS = ("tools", "tool_calls")
@@ -54,6 +55,19 @@ def traits(entry: EntryLike) -> ModelTraits:
     if _vision(meta):
         caps.append("vision")
     return ModelTraits(True, template, tuple(caps))
+
+
+#: Each model file version's traits, so a warm request reads them without a thread hop.
+_KNOWN: dict[tuple[str, int, object], ModelTraits] = {}
+
+
+async def model_traits(entry: EntryLike) -> ModelTraits:
+    """traits(), read off the event loop the first time a file version is asked about."""
+    version = (str(entry.path), entry.size_bytes, entry.modified_at)
+    known = _KNOWN.get(version)
+    if known is None:
+        known = _KNOWN[version] = await asyncio.to_thread(traits, entry)
+    return known
 
 
 def refuse_missing(name: str, model: ModelTraits, wanted: dict[str, bool]) -> None:

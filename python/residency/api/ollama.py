@@ -7,7 +7,6 @@ unloads it (``"unload"``), every duration in nanoseconds.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ from pydantic_core import to_json
 from starlette.responses import Response
 
 from residency.api._types import EntryLike, LeaseLike
-from residency.api.capabilities import ModelTraits, refuse_missing, traits
+from residency.api.capabilities import ModelTraits, model_traits, refuse_missing
 from residency.api.dialect import prompt_tokens, runner_messages
 from residency.api.errors import ApiError
 from residency.api.limits import check_model_name
@@ -98,7 +97,7 @@ async def _check_capabilities(
     key: ApiKey | None = call.request.scope.get(SCOPE_KEY)
     if key is not None and not key.allows(entry.name):
         raise ApiError(403, f"key {key.name!r} may not use model {entry.name!r}")
-    model = await asyncio.to_thread(traits, entry)
+    model = await model_traits(entry)
     # think: false (or "low"…) on a model without thinking is harmless; only asking for it is not.
     wanted["thinking"] = req.think not in (None, False)
     refuse_missing(req.model, model, wanted)

@@ -7,7 +7,6 @@ OpenAI lacks), ``encoding_format: "base64"`` for embeddings, and errors in OpenA
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic_core import from_json, to_json
 from starlette.responses import Response
 
 from residency.api._types import LeaseLike
-from residency.api.capabilities import refuse_missing, traits
+from residency.api.capabilities import model_traits, refuse_missing
 from residency.api.dialect import (
     chat_fields,
     check_completion,
@@ -60,7 +59,7 @@ async def chat_completions(call: Call) -> Response:
     req = await call.parse(OpenAIChatRequest, await call.body())
     call.admit(req.model, req.keep_alive, _load_options(req), stream=req.stream, work=_work(req))
     entry = call.state.scheduler.resolve(req.model)
-    model = await asyncio.to_thread(traits, entry)
+    model = await model_traits(entry)
     fields = req.model_dump(exclude_unset=True, exclude=set(_EXTENSIONS))
     n = choices_wanted(fields, stream=req.stream)
     refuse_missing(req.model, model, {"tools": bool(fields.get("tools"))})
@@ -181,10 +180,26 @@ def _named_body(fields: dict[str, Any]) -> Callable[[LeaseLike], Body]:
     return body
 
 
+def _renamed(content: bytes, asked: str) -> bytes:
+    """The runner's answer with the model name the client asked for, parsed only when needed."""
+    # The runners' compact JSON names the model in its first "model" key (top level, before any
+    # nested object): when that is already the name asked for, the bytes pass through.
+    at = content.find(b'"model":')
+    if at >= 0 and content.startswith(to_json(asked), at + 8):
+        return content
+    data = from_json(content)
+    if isinstance(data, dict):
+        data["model"] = asked
+        return to_json(data)
+    return content
+
+
 async def _serve(call: Call, req: _OpenAIBase, path: str, bodies: list[dict[str, Any]]) -> Response:
     """One runner request per body (several: one per prompt and choice, served in turn)."""
     asked = req.model
     if not getattr(req, "stream", False):
+        if len(bodies) == 1:  # the usual case: the runner's bytes, under the name asked for
+            return call.respond(_renamed(await call.complete(path, _named_body(bodies[0])), asked))
         answers = []
         for fields in bodies:
             answer = from_json(await call.complete(path, _named_body(fields)))
