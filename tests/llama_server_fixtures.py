@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from residency.runners import free_port
 from residency.runners.build import find_llama_server
-from serve_process import wait_until_serving
+from serve_process import runner_pids as _runner_pids_of
+from serve_process import wait_until, wait_until_serving
 
 
 def require_llama_server() -> Path:
@@ -63,42 +63,12 @@ class Server:
         wait_until(lambda: model not in {m["name"] for m in self.ps()["models"]}, 60, "unload")
 
 
-def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def runner_pids(parent: int, marker: bytes = b"llama-server") -> set[int]:
-    """The runner processes `parent` started whose command line names `marker`."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and marker in cmdline:
-            pids.add(int(entry.name))
-    return pids
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_server(tmp: Path, config_text: str) -> Iterator[Server]:
     """Starts `residency serve` with `config_text` (plus a kv_dir in `tmp`); stops it after."""
     kv_dir = tmp / "kv"
     config = tmp / "residency.toml"
     config.write_text(f'kv_dir = "{kv_dir}"\n' + config_text)
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}
     for keep in ("RESIDENCY_CACHE_DIR", "RESIDENCY_LLAMA_SERVER"):
@@ -133,3 +103,8 @@ def start_server(tmp: Path, config_text: str) -> Iterator[Server]:
         for pid in runners:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def runner_pids(parent: int) -> set[int]:
+    """The llama-server processes `parent` started."""
+    return _runner_pids_of(parent, b"llama-server")

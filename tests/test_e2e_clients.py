@@ -25,8 +25,9 @@ from typing import Any
 import httpx
 import pytest
 
+from residency.runners import free_port
 from scheduler_helpers import require_llama_cpp
-from serve_process import wait_until_serving
+from serve_process import runner_pids, wait_until, wait_until_serving
 
 require_llama_cpp()
 ollama = pytest.importorskip("ollama")
@@ -50,25 +51,9 @@ class Server:
 
     def note_runners(self) -> set[int]:
         """Remembers every runner process this server started (for the shutdown test)."""
-        pids = _runner_pids(self.proc.pid)
+        pids = runner_pids(self.proc.pid, b"llama_cpp.server")
         self.runner_pids |= pids
         return pids
-
-
-def _runner_pids(parent: int) -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and b"llama_cpp.server" in cmdline:
-            pids.add(int(entry.name))
-    return pids
 
 
 def _alive(pid: int) -> bool:
@@ -79,12 +64,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("e2e")
@@ -93,7 +72,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config.write_text(
         'runner = "llama-cpp-python"\nkeep_alive = "5m"\ndefault_ctx = 1024\nmax_queue = 1\n'
     )
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}
     env["RESIDENCY_DISCOVER"] = "0"  # the embedded Gemma, whatever models this machine holds
@@ -153,18 +132,10 @@ def _ps(server: Server) -> list[dict[str, Any]]:
     return models
 
 
-def _wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _unload(server: Server) -> None:
     r = httpx.post(server.url + "/api/generate", json={"model": MODEL, "keep_alive": 0}, timeout=60)
     assert r.json()["done_reason"] == "unload"
-    _wait_until(lambda: not _ps(server), 30, "the model to unload")
+    wait_until(lambda: not _ps(server), 30, "the model to unload")
 
 
 # ---- the ollama client ------------------------------------------------------------------------
@@ -248,14 +219,14 @@ def test_raw_ps_fields(server: Server) -> None:
 def test_keep_alive_load_unload_and_forever(server: Server, oc: Any) -> None:
     unloaded = oc.generate(model=MODEL, prompt="", keep_alive=0)
     assert unloaded.done_reason == "unload"
-    _wait_until(lambda: not _ps(server), 30, "the model to unload")
+    wait_until(lambda: not _ps(server), 30, "the model to unload")
 
     # A short keep-alive lets the model go by itself...
     loaded = oc.generate(model=MODEL, prompt="", keep_alive="1s")
     assert loaded.done_reason == "load"
     server.note_runners()
     assert [m["name"] for m in _ps(server)] == [MODEL]
-    _wait_until(lambda: not _ps(server), 15, "the 1 s keep-alive to expire")
+    wait_until(lambda: not _ps(server), 15, "the 1 s keep-alive to expire")
 
     # ...keep_alive -1 keeps it past the default (5m) and past that short one.
     forever = oc.chat(model=MODEL, messages=[], keep_alive=-1)
@@ -268,7 +239,7 @@ def test_keep_alive_load_unload_and_forever(server: Server, oc: Any) -> None:
 
     unload = oc.chat(model=MODEL, messages=[], keep_alive=0)
     assert unload.done_reason == "unload"
-    _wait_until(lambda: not _ps(server), 30, "the model to unload")
+    wait_until(lambda: not _ps(server), 30, "the model to unload")
 
 
 # ---- the openai client ------------------------------------------------------------------------
@@ -310,7 +281,7 @@ def test_openai_extensions_keep_alive(server: Server, ai: Any) -> None:
         max_tokens=2,
         extra_body={"keep_alive": "1s"},
     )
-    _wait_until(lambda: not _ps(server), 15, "the 1 s keep-alive to expire")
+    wait_until(lambda: not _ps(server), 15, "the 1 s keep-alive to expire")
 
 
 # ---- errors over real HTTP --------------------------------------------------------------------
@@ -365,7 +336,7 @@ def test_errors_queue_full_is_503_with_retry_after(server: Server) -> None:
     loader = threading.Thread(target=load)
     loader.start()
     try:
-        _wait_until(lambda: bool(_ps(server)), 30, "the load to start")
+        wait_until(lambda: bool(_ps(server)), 30, "the load to start")
         r = httpx.post(server.url + "/api/generate", json={"model": MODEL}, timeout=30)
         assert r.status_code == 503, r.text
         assert int(r.headers["retry-after"]) >= 1
@@ -422,7 +393,7 @@ def test_client_disconnect_releases_the_model(server: Server) -> None:
         (m,) = _ps(server)
         assert m["refcount"] == 1
     # Closing the connection cancelled the request and released its reference.
-    _wait_until(lambda: _ps(server)[0]["refcount"] == 0, 10, "the reference to be released")
+    wait_until(lambda: _ps(server)[0]["refcount"] == 0, 10, "the reference to be released")
     warm = httpx.post(
         server.url + "/api/generate",
         json={"model": MODEL, "prompt": "hi", "stream": False, "options": FAST},

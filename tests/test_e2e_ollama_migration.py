@@ -12,7 +12,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +25,9 @@ import pytest
 
 from estimate_models import write_llama
 from model_stores import write_hf_repo, write_ollama_model
+from residency.runners import free_port
 from scheduler_helpers import require_llama_cpp
-from serve_process import wait_until_serving
+from serve_process import wait_until, wait_until_serving
 
 require_llama_cpp()
 
@@ -53,12 +53,6 @@ class Server:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     from residency.embedded import default_model_path
@@ -77,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     tiny = write_llama(tmp / "tiny-Q8_0.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1)
     write_hf_repo(tmp / "hf" / "hub", "test-org/tiny-GGUF", {"tiny-Q8_0.gguf": tiny})
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "RESIDENCY_"))}
     if os.environ.get("RESIDENCY_CACHE_DIR"):
         env["RESIDENCY_CACHE_DIR"] = os.environ["RESIDENCY_CACHE_DIR"]
@@ -128,14 +122,6 @@ def _ps(server: Server) -> list[dict[str, Any]]:
     return models
 
 
-def _wait_until(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_the_store_is_served_with_ollamas_names(server: Server) -> None:
     def tags_now() -> list[dict[str, Any]]:
         models: list[dict[str, Any]] = httpx.get(server.url + "/api/tags", timeout=10).json()[
@@ -144,7 +130,7 @@ def test_the_store_is_served_with_ollamas_names(server: Server) -> None:
         return models
 
     # Digests (the files' SHA-256) are hashed in the background after start-up.
-    _wait_until(lambda: all(m["digest"] for m in tags_now()), 60, "the models' digests")
+    wait_until(lambda: all(m["digest"] for m in tags_now()), 60, "the models' digests")
     tags = tags_now()
     assert sorted(m["name"] for m in tags) == [MODEL, TINY]
     listed = cli(server, "list")
@@ -228,7 +214,7 @@ def test_show(server: Server) -> None:
 def test_stop_unloads(server: Server) -> None:
     out = cli(server, "stop", MODEL)
     assert out.returncode == 0, out.stderr
-    _wait_until(lambda: not _ps(server), 30, "the model to unload")
+    wait_until(lambda: not _ps(server), 30, "the model to unload")
     assert cli(server, "ps").stdout.splitlines()[1:] == []
 
 
@@ -238,7 +224,7 @@ def test_a_model_without_num_ctx_gets_ollama_context_length(server: Server) -> N
     (row,) = _ps(server)
     assert row["context_length"] == CONTEXT_LENGTH  # min(768, its trained 8192)
     assert cli(server, "stop", TINY).returncode == 0
-    _wait_until(lambda: not _ps(server), 30, "the tiny model to unload")
+    wait_until(lambda: not _ps(server), 30, "the tiny model to unload")
 
 
 def test_pulled_and_removed_models_are_noticed_without_a_restart(server: Server) -> None:
@@ -247,9 +233,9 @@ def test_pulled_and_removed_models_are_noticed_without_a_restart(server: Server)
     def names() -> list[str]:
         return [m["name"] for m in httpx.get(server.url + "/api/tags", timeout=10).json()["models"]]
 
-    _wait_until(lambda: "someone/copy:v1" in names(), 10, "the pulled model to appear")
+    wait_until(lambda: "someone/copy:v1" in names(), 10, "the pulled model to appear")
     manifest.unlink()
-    _wait_until(lambda: "someone/copy:v1" not in names(), 10, "the removed model to go")
+    wait_until(lambda: "someone/copy:v1" not in names(), 10, "the removed model to go")
 
 
 def test_run_one_prompt(server: Server) -> None:
@@ -320,7 +306,7 @@ class Terminal:
 
 def test_run_interactively_through_a_terminal(server: Server) -> None:
     assert cli(server, "stop", MODEL).returncode == 0  # so `run` shows its loading line
-    _wait_until(lambda: not _ps(server), 30, "the model to unload")
+    wait_until(lambda: not _ps(server), 30, "the model to unload")
     term = Terminal([sys.executable, "-m", "residency", "run", MODEL], server.env)
     try:
         term.expect(r"loading gemma3:270m")
@@ -334,11 +320,11 @@ def test_run_interactively_through_a_terminal(server: Server) -> None:
         term.expect(r"to '4000'")
         mark = len(term.seen)
         term.send("Write a very long story about the sea, in many chapters.\n")
-        _wait_until(lambda: any(m["refcount"] for m in _ps(server)), 60, "the generation")
+        wait_until(lambda: any(m["refcount"] for m in _ps(server)), 60, "the generation")
         term.send("\x03")  # Ctrl-C: cancels the answer, not the chat
         term.expect(r">>> $", timeout=30)
         assert "Traceback" not in term.seen[mark:]
-        _wait_until(lambda: not any(m["refcount"] for m in _ps(server)), 10, "the cancel")
+        wait_until(lambda: not any(m["refcount"] for m in _ps(server)), 10, "the cancel")
         term.send("/set parameter num_predict 4\n")
         term.send("Say hi.\n")  # the chat goes on after a cancel
         term.expect(r"Say hi\.[\s\S]*\S[\s\S]*>>> $", timeout=60)
@@ -363,6 +349,6 @@ def test_pull_and_rm_say_models_are_managed_on_disk(server: Server) -> None:
 
 
 def test_no_server_is_a_clear_error(server: Server) -> None:
-    out = cli(server, "ps", "--host", f"127.0.0.1:{_free_port()}")
+    out = cli(server, "ps", "--host", f"127.0.0.1:{free_port()}")
     assert out.returncode == 1
     assert "could not connect to residency" in out.stderr
