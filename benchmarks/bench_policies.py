@@ -20,7 +20,11 @@ quarter of their total, Ollama's defaults: 5 min keep-alive, 3 models per device
 our own: on/off phases straddling the keep-alive, heavy traffic, and few large models. Ratios are
 candidate ÷ baseline; the targets are the issue's, and ``targets_met`` says whether all are met.
 
-Run: ``python benchmarks/bench_policies.py [--quick] [--policy gdsf]``. The last line is JSON.
+``--policy tiered`` makes the candidate's GPU eviction tier-aware: among idle models with the same
+keep-alive, the one whose file the host tier holds warm leaves first (its reload reads no disk),
+then the least recently used.
+
+Run: ``python benchmarks/bench_policies.py [--quick] [--policy gdsf|tiered]``. The last line is JSON.
 """
 
 from __future__ import annotations

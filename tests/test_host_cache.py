@@ -44,9 +44,13 @@ async def _settle(cache: HostCache) -> None:
 
 async def test_prefetch_warms_and_displacement_drops(files: list[Path]) -> None:
     a, b, _ = files
-    cache = HostCache(budget_bytes=SIZE + SIZE // 2, min_file_bytes=0)  # room for one file
+    told: dict[str, int] = {}  # what the engine's tier-aware eviction is told
+    cache = HostCache(
+        budget_bytes=SIZE + SIZE // 2, min_file_bytes=0, on_warm=told.__setitem__
+    )  # room for one file
     cache.waiting("a", a, 0)
     await _settle(cache)
+    assert told == {"a": SIZE}
     assert await cache.measure("a", 1) == SIZE  # warmed during the wait
     # "b" is loaded twice (more valuable than "a", used never): "a" makes room and is dropped.
     for t in (2, 3):
@@ -55,6 +59,7 @@ async def test_prefetch_warms_and_displacement_drops(files: list[Path]) -> None:
         cache.unmapped("b", t)
     await _settle(cache)
     assert cache.tier.kept("b")
+    assert told == {"a": 0, "b": SIZE}
     assert await cache.measure("a", 4) == 0
     assert pagecache.resident_bytes(a) <= SIZE // 20
     await cache.aclose()

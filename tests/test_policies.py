@@ -1,4 +1,4 @@
-"""gdsf and adaptive keep-alive, through the core's public API."""
+"""gdsf, tiered and adaptive keep-alive, through the core's public API."""
 
 from __future__ import annotations
 
@@ -36,7 +36,14 @@ def use(rs: ResidentSet, key: str, now: int, times: int = 1) -> None:
 
 
 def test_all_policies_are_selectable_by_name() -> None:
-    assert policy_names() == ["ollama", "gdsf", "ollama+adaptive", "gdsf+adaptive"]
+    assert policy_names() == [
+        "ollama",
+        "gdsf",
+        "tiered",
+        "ollama+adaptive",
+        "gdsf+adaptive",
+        "tiered+adaptive",
+    ]
     for name in policy_names():
         assert ResidentSet([Device("gpu0", 10 * GiB)], name).policy == name
     for bad in ["gdsf+", "+adaptive", "lru+adaptive", "gdsf+adaptive+adaptive"]:
@@ -52,6 +59,32 @@ def test_gdsf_keeps_the_frequently_used_model_where_ollama_evicts_by_name() -> N
         use(rs, "a-hot", S, times=20)
         use(rs, "b-cold", 2 * S)
         assert load(rs, "c-new", 8 * GiB, 3 * S) == expected, policy
+
+
+def test_tiered_evicts_the_model_whose_file_is_warm_in_host_ram() -> None:
+    # Same keep-alive for all: Ollama takes "a-cold" (by name); tiered takes "b-warm", whose file
+    # the host tier holds in RAM, so bringing it back reads no disk.
+    for policy, expected in [("ollama", ["a-cold"]), ("tiered", ["b-warm"])]:
+        rs = ResidentSet([Device("gpu0", 20 * GiB, 0, 5)], policy)
+        load(rs, "a-cold", 8 * GiB, 0)
+        load(rs, "b-warm", 8 * GiB, 0)
+        rs.set_host_warm("b-warm", 8 * GiB)
+        rs.set_host_warm("a-cold", 2 * GiB)  # partly warm is still a disk read
+        assert rs.stats("b-warm").host_warm_bytes == 8 * GiB
+        assert load(rs, "c-new", 8 * GiB, S) == expected, policy
+
+
+def test_tiered_keeps_the_operators_keep_alive_order_then_least_recently_used() -> None:
+    rs = ResidentSet([Device("gpu0", 30 * GiB, 0, 5)], "tiered")
+    load(rs, "short-warm", 8 * GiB, 0, keep_alive=MINUTE)
+    load(rs, "x-cold-old", 8 * GiB, 0)
+    load(rs, "y-cold-new", 8 * GiB, 0)
+    rs.set_host_warm("short-warm", 8 * GiB)
+    use(rs, "x-cold-old", S)
+    use(rs, "y-cold-new", 2 * S)
+    # The shortest keep-alive goes first, as in Ollama; then, all cold, the least recently used.
+    assert load(rs, "n1", 8 * GiB, 3 * S) == ["short-warm"]
+    assert load(rs, "n2", 8 * GiB, 4 * S) == ["x-cold-old"]
 
 
 def test_gdsf_prefers_evicting_cheap_per_byte_and_takes_a_minimal_set() -> None:

@@ -86,7 +86,8 @@ void register_resident_set(py::module_& m) {
       .def_readonly("loads", &ModelStats::loads)
       .def_readonly("last_load_seconds", &ModelStats::last_load_seconds)
       .def_readonly("last_bytes", &ModelStats::last_bytes)
-      .def_readonly("last_used", &ModelStats::last_used);
+      .def_readonly("last_used", &ModelStats::last_used)
+      .def_readonly("host_warm_bytes", &ModelStats::host_warm_bytes);
 
   py::class_<AdmitDecision>(m, "AdmitDecision", "How a model becomes resident.")
       .def_readonly("outcome", &AdmitDecision::outcome)
@@ -161,6 +162,14 @@ void register_resident_set(py::module_& m) {
           py::arg("key"), py::arg("bytes"))
       .def("set_pinned", &ResidentSet::set_pinned, py::arg("key"), py::arg("pinned"),
            py::arg("now"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "set_host_warm",
+          [](ResidentSet& s, const std::string& key, const py::int_& bytes) {
+            const std::uint64_t b = to_bytes(bytes, "bytes");
+            py::gil_scoped_release release;
+            s.set_host_warm(key, b);
+          },
+          py::arg("key"), py::arg("bytes"))
       .def("reservation", &ResidentSet::reservation, py::arg("key"),
            py::call_guard<py::gil_scoped_release>())
       .def("snapshot", &ResidentSet::snapshot, py::call_guard<py::gil_scoped_release>())

@@ -87,6 +87,11 @@ std::optional<ModelStats> ResidentSet::stats(const std::string& key) const {
   return it->second;
 }
 
+void ResidentSet::set_host_warm(const std::string& key, std::uint64_t bytes) {
+  std::lock_guard lock(mutex_);
+  stats_[key].host_warm_bytes = bytes;
+}
+
 std::string ResidentSet::policy_name() const {
   std::lock_guard lock(mutex_);
   return std::string(policy_->name());

@@ -75,6 +75,18 @@ class OllamaPolicy final : public EvictionPolicy {
                                                            const EvictionNeed& need) override;
 };
 
+/// Ollama's order made tier-aware: idle models by configured keep-alive (the operator's word comes
+/// first, as in Ollama), then the cheapest to bring back first — the bytes a reload would read from
+/// disk, i.e. the model's size less what the host tier holds warm of its file — then least recently
+/// used, then name. Evicting a model whose file is warm in RAM costs a fast reload; evicting a cold
+/// one costs a disk read.
+class TieredPolicy final : public EvictionPolicy {
+ public:
+  [[nodiscard]] std::string_view name() const override { return "tiered"; }
+  [[nodiscard]] std::optional<VictimChoice> choose_victims(const std::vector<Candidate>& candidates,
+                                                           const EvictionNeed& need) override;
+};
+
 /// GreedyDual-Size-Frequency (Cherkasova 1998; FaasCache, ASPLOS 2021): each model's priority is
 /// clock + frequency × load cost ÷ bytes, where frequency counts requests in its current residency and
 /// clock is the clock value at its last request. The victims are the lowest-priority idle models,

@@ -55,6 +55,9 @@ class ResidentSet {
   void update_measured_bytes(const std::string& key, std::uint64_t bytes);
   /// A pinned model is never evicted and never expires.
   void set_pinned(const std::string& key, bool pinned, Nanos now);
+  /// How many bytes of `key`'s file are warm in host RAM (the host tier's facts), for policies
+  /// that weigh a victim's reload cost. Known for models never loaded too.
+  void set_host_warm(const std::string& key, std::uint64_t bytes);
 
   [[nodiscard]] std::optional<Reservation> reservation(const std::string& key) const;
   [[nodiscard]] std::vector<Reservation> snapshot() const;

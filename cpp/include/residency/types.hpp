@@ -78,6 +78,9 @@ struct ModelStats {
   double last_load_seconds = 0.0;
   std::uint64_t last_bytes = 0;
   Nanos last_used = 0;
+  /// Bytes of the model's file the host tier reports warm in RAM (what a reload need not read
+  /// from disk); kept up to date by the driver, read by tier-aware policies.
+  std::uint64_t host_warm_bytes = 0;
 };
 
 enum class AdmitOutcome : std::uint8_t {

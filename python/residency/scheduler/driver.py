@@ -122,7 +122,11 @@ class Scheduler:
             events=self,
             tasks=self._tasks,
             metrics=self.metrics,
-            host_cache=make_host_cache(s.host_cache_bytes, s.host_cache_half_life_s),
+            host_cache=make_host_cache(
+                s.host_cache_bytes,
+                s.host_cache_half_life_s,
+                self._engine.resident_set.set_host_warm,
+            ),
         )
         for entry in self._registry.entries():
             self._sizing.keep_alive(entry)  # parsed once, at start-up

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from residency._core import HostAction, HostActionKind, HostTier
 __all__ = ["HostCache", "make_host_cache"]
 
 log = logging.getLogger("residency.scheduler")
+#: (model key, bytes of its file warm in RAM).
+WarmListener = Callable[[str, int], None]
 NS = 1_000_000_000
 #: Files smaller than this are left to the kernel: they read in milliseconds either way.
 MIN_FILE = 64 << 20
@@ -31,9 +33,16 @@ class HostCache:
     """One host's page cache for model files: the core's tier plus the I/O that carries it out."""
 
     def __init__(
-        self, budget_bytes: int, half_life_s: float = 3600.0, *, min_file_bytes: int = MIN_FILE
+        self,
+        budget_bytes: int,
+        half_life_s: float = 3600.0,
+        *,
+        min_file_bytes: int = MIN_FILE,
+        on_warm: WarmListener | None = None,
     ) -> None:
         self.tier = HostTier(budget_bytes, round(half_life_s * NS))
+        #: Told a file's warm bytes when they change: the engine's tier-aware eviction reads them.
+        self.on_warm: WarmListener = on_warm or (lambda key, nbytes: None)
         self.min_file_bytes = min_file_bytes
         self._paths: dict[str, Path] = {}
         #: Runners mapping each file now, by path: two entries may share one file.
@@ -59,7 +68,9 @@ class HostCache:
         """The runner of ``key`` is ready: it read the whole file."""
         path = self._paths.get(key)
         if path is not None:
-            self._run(self.tier.loaded(key, _size(path), now_ns))
+            size = _size(path)
+            self.on_warm(key, size)  # the runner read it all: warm now, whatever is kept later
+            self._run(self.tier.loaded(key, size, now_ns))
 
     def unmapped(self, key: str, now_ns: int) -> None:
         """A runner of ``key`` exited."""
@@ -84,6 +95,7 @@ class HostCache:
         except OSError as err:
             log.warning("page cache: cannot measure %s: %s", path, err)
             return None
+        self.on_warm(key, warm)
         self._run(self.tier.measured(key, warm, now_ns))
         return warm
 
@@ -117,6 +129,7 @@ class HostCache:
                     self._spawn(self._warm(a.key, path, self._warming[a.key]))
             elif path not in self._mapped:  # never drop what a runner maps (any entry's)
                 self._cancel(a.key)
+                self.on_warm(a.key, 0)
                 self._spawn(self._drop(path))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -128,6 +141,8 @@ class HostCache:
         try:
             async with self._io:
                 await asyncio.to_thread(pagecache.warm, path, cancelled=cancel)
+            if not cancel.is_set():
+                self.on_warm(key, _size(path))
         except OSError as err:
             log.warning("page cache: cannot warm %s: %s", path, err)
         finally:
@@ -152,11 +167,15 @@ def _size(path: Path) -> int:
         return 0
 
 
-def make_host_cache(budget_bytes: int | None, half_life_s: float) -> HostCache | None:
+def make_host_cache(
+    budget_bytes: int | None, half_life_s: float, on_warm: WarmListener | None = None
+) -> HostCache | None:
     """The configured host cache: ``budget_bytes`` None is half the RAM available now, 0 none."""
     if budget_bytes is None:
         budget_bytes = _available_ram() // 2
-    return HostCache(budget_bytes, half_life_s) if budget_bytes > 0 else None
+    if budget_bytes <= 0:
+        return None
+    return HostCache(budget_bytes, half_life_s, on_warm=on_warm)
 
 
 def _available_ram() -> int:

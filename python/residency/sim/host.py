@@ -10,6 +10,8 @@ loads do not share the disk's bandwidth with each other.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from residency._core import HostAction, HostActionKind, HostTier
 from residency.sim.page_cache import LruPageCache
 from residency.sim.trace import GB
@@ -47,6 +49,9 @@ class ManagedHost(HostCache):
         self.ram: dict[str, int] = {}  # bytes physically in RAM (prefetches not counted)
         self.prefetching: dict[str, tuple[int, int]] = {}  # key → (since, file bytes)
         self.prefetches = 0
+        #: Told each file's warm bytes when they change (the engine's tier-aware policies read
+        #: them, as the server's measured mincore facts reach its engine).
+        self.on_warm: Callable[[str, int], None] = lambda key, nbytes: None
 
     def in_ram(self, key: str, t: int) -> int:
         base = self.ram.get(key, 0)
@@ -62,6 +67,7 @@ class ManagedHost(HostCache):
         self.prefetching.pop(key, None)
         self.hit_bytes += hit
         self.ram[key] = nbytes  # the load reads it all
+        self.on_warm(key, nbytes)
         self.apply(self.tier.mapped(key, True, now))
         self.apply(self.tier.loaded(key, nbytes, now))
         return hit / self.host_bps + (nbytes - hit) / self.disk_bps
@@ -77,6 +83,8 @@ class ManagedHost(HostCache):
             if a.kind == HostActionKind.DROP:
                 self.ram.pop(a.key, None)
                 self.prefetching.pop(a.key, None)
+                self.on_warm(a.key, 0)
             elif a.key not in self.prefetching:
                 self.prefetches += 1
                 self.prefetching[a.key] = (now, a.bytes)
+                self.on_warm(a.key, a.bytes)  # on its way: by the reload, it will be

@@ -163,6 +163,8 @@ class _Run:
         self.load_s = self.idle = self.resident = 0.0
         self.now = 0
         self.host = _host(trace, cfg)
+        if isinstance(self.host, ManagedHost):
+            self.host.on_warm = engine.resident_set.set_host_warm
 
     def push(self, t: int, kind: int, payload: int) -> None:
         self.seq += 1
