@@ -93,8 +93,13 @@ async def test_metrics_endpoint_serves_the_schedulers_registry(tmp_path: Path) -
         "residency_time_to_first_token_seconds",
         "residency_device_total_bytes",
         "residency_model_estimated_bytes",
+        "residency_model_warm_bytes",
     ):
         assert name in families, name
+    # The fake model's file was just written and its runner maps it: mincore finds it in RAM.
+    warm = families["residency_model_warm_bytes"].samples
+    assert [x.labels["model"] for x in warm] == ["a"]
+    assert warm[0].value > 0
     loads = [x for x in families["residency_model_loads"].samples if x.name.endswith("_total")]
     assert [(x.labels, x.value) for x in loads] == [({"model": "a"}, 1.0)]
     ttft = families["residency_time_to_first_token_seconds"].samples

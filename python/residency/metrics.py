@@ -180,6 +180,7 @@ class _StateCollector(Collector):
                 ("reserved_bytes", "Bytes the scheduler reserved."),
                 ("measured_bytes", "Bytes the runner reported using."),
                 ("estimated_bytes", "Bytes the estimator expected."),
+                ("warm_bytes", "Bytes of the model's file in host RAM (mincore)."),
             )
         }
         refcount = GaugeMetricFamily(
@@ -199,6 +200,8 @@ class _StateCollector(Collector):
                 if m.measured_bytes is not None:
                     per_model["measured_bytes"].add_metric([m.name, m.device], m.measured_bytes)
                 per_model["estimated_bytes"].add_metric([m.name, m.device], m.estimated_bytes)
+                if m.warm_bytes is not None:
+                    per_model["warm_bytes"].add_metric([m.name, m.device], m.warm_bytes)
                 refcount.add_metric([m.name], m.refcount)
         yield configured
         yield from device.values()
