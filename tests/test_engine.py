@@ -62,7 +62,7 @@ def test_request_for_an_unloading_model_waits_and_reloads() -> None:
     e.arrive(2, "b", SHAPE, 6 * GiB, KA, 3 * S)  # evicts idle a
     assert e.resident_set.reservation("a").state == ReservationState.UNLOADING  # type: ignore[union-attr]
     racing = e.arrive(3, "a", SHAPE, 6 * GiB, KA, 3 * S)
-    assert racing == []  # queued, not an error
+    assert kinds(racing) == [("prefetch", 3)]  # queued, not an error; its file read ahead
     e.ready("b", 4 * S, 1.0)
     assert e.gone("a", 4 * S) == []  # b still holds the room
     after = e.done(2, 5 * S)
@@ -81,7 +81,7 @@ def test_request_at_the_instant_of_expiry_is_served_or_reloads() -> None:
     e.done(2, 13 * S)
     # The timer runs first: the request after it waits for the stop and reloads.
     assert kinds(e.tick(23 * S)) == [("stop", "a")]
-    assert e.arrive(3, "a", SHAPE, 6 * GiB, 10 * S, 23 * S) == []
+    assert kinds(e.arrive(3, "a", SHAPE, 6 * GiB, 10 * S, 23 * S)) == [("prefetch", 3)]
     assert kinds(e.gone("a", 24 * S)) == [("load", "a"), ("grant", 3)]
 
 
@@ -90,8 +90,9 @@ def test_affinity_does_not_let_a_later_load_barge_ahead() -> None:
     e = Engine([Device("gpu0", 10 * GiB, 0, 3)], "ollama", "affinity")
     e.arrive(1, "a", SHAPE, 3 * GiB, KA, 0)
     e.ready("a", S // 10, 0.1)
-    assert e.arrive(2, "big", SHAPE, 9 * GiB, KA, 3 * S // 10) == []
-    assert e.arrive(3, "c", SHAPE, 2 * GiB, KA, 5 * S // 10) == []  # fits, but big is older
+    assert kinds(e.arrive(2, "big", SHAPE, 9 * GiB, KA, 3 * S // 10)) == [("prefetch", 2)]
+    # c fits, but big is older: c waits too (and its file is read ahead meanwhile).
+    assert kinds(e.arrive(3, "c", SHAPE, 2 * GiB, KA, 5 * S // 10)) == [("prefetch", 3)]
     after = e.done(1, S)
     assert kinds(after) == [("stop", "a"), ("load", "big"), ("grant", 2)]
     e.ready("big", 2 * S, 1.0)
@@ -105,7 +106,7 @@ def test_ollama_loads_one_at_a_time_affinity_in_parallel() -> None:
         e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)
         second = e.arrive(2, "b", SHAPE, 6 * GiB, KA, 1)
         if queue == "ollama":
-            assert second == []
+            assert kinds(second) == [("prefetch", 2)]  # waits for a's load; b's file read ahead
             assert e.loads_in_flight() == 1
             assert kinds(e.ready("a", S, 1.0)) == [("load", "b"), ("grant", 2)]
         else:
@@ -133,7 +134,7 @@ def test_starvation_deadline_stops_pass_through() -> None:
     e = Engine([Device("gpu0", 10 * GiB, 0, 3)], "ollama", "affinity", starvation_ns=5 * S)
     e.arrive(0, "a", SHAPE, 3 * GiB, KA, 0)
     e.ready("a", S, 1.0)
-    assert e.arrive(1000, "big", SHAPE, 9 * GiB, KA, S) == []
+    assert kinds(e.arrive(1000, "big", SHAPE, 9 * GiB, KA, S)) == [("prefetch", 1000)]
     granted_big = None
     request = 1
     for t in range(2, 30):  # a new request every second, each lasting 1.5 s
@@ -197,7 +198,7 @@ def test_too_large_busy_estimate_cancel_and_unload() -> None:
     assert kinds(e.ready("b", 5 * S, 1.0)) == [("stop", "b")]
     # Unloading models no longer count against the budget (the driver awaits their memory).
     assert kinds(e.arrive(5, "c", SHAPE, 6 * GiB, KA, 6 * S)) == [("load", "c"), ("grant", 5)]
-    assert e.arrive(7, "d", SHAPE, 6 * GiB, KA, 6 * S) == []  # c is loading: d waits
+    assert kinds(e.arrive(7, "d", SHAPE, 6 * GiB, KA, 6 * S)) == [("prefetch", 7)]  # d waits
     assert e.queued() == 2  # d, and 5 joining c's load
     e.cancel(7, 7 * S)
     assert e.queued() == 1
@@ -215,6 +216,22 @@ def test_estimate_is_asked_for_only_when_a_load_is_needed() -> None:
     assert kinds(out) == [("estimate", 1)]
     assert kinds(e.sized(1, 6 * GiB, 1)) == [("load", "a"), ("grant", 1)]
     assert kinds(e.arrive(2, "a", SHAPE, 0, KA, 2)) == [("grant", 2)]  # rides, no estimate
+
+
+def test_a_waiting_load_asks_once_for_its_file_to_be_read_ahead() -> None:
+    e = one_slot()
+    e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)
+    # b must wait for busy a: the engine says to read b's file into RAM meanwhile, once.
+    waiting = e.arrive(2, "b", SHAPE, 6 * GiB, KA, 1)
+    assert kinds(waiting) == [("prefetch", 2)]
+    assert waiting[0].key == "b"
+    assert waiting[0].bytes == 6 * GiB
+    assert e.arrive(3, "b", SHAPE, 6 * GiB, KA, 2) == []  # asked for already
+    # Bytes unknown: the prefetch comes once the request is sized and still has to wait.
+    assert kinds(e.arrive(4, "c", SHAPE, 0, KA, 3)) == [("estimate", 4)]
+    assert kinds(e.sized(4, 6 * GiB, 4)) == [("prefetch", 4)]
+    # A loading or ready model's runner reads its own file: riders ask for nothing.
+    assert kinds(e.arrive(5, "a", SHAPE, 6 * GiB, KA, 5)) == [("grant", 5)]
 
 
 def test_journal_and_adaptive_deadline() -> None:

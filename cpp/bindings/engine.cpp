@@ -37,6 +37,7 @@ void register_engine(py::module_& m) {
       .value("STOP", ActionKind::Stop)
       .value("ESTIMATE", ActionKind::Estimate)
       .value("REJECT", ActionKind::Reject)
+      .value("PREFETCH", ActionKind::Prefetch)
       .finalize();
   py::native_enum<StopCause>(m, "StopCause", "enum.Enum")
       .value("NONE", StopCause::None)

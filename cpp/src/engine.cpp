@@ -58,6 +58,7 @@ std::vector<Action> Engine::arrive(std::uint64_t request, const std::string& key
   // Behind others it changes nothing (an arrival frees no room, and only the oldest loads): the
   // queue is worked on when it becomes the head, so an arrival costs O(log n) with n queued.
   if (queue_.size() == 1) schedule_locked(out, now);
+  if (bytes_needed > 0) prefetch_if_waiting_locked(out, request, now);  // else once sized
   return out;
 }
 
@@ -69,7 +70,24 @@ std::vector<Action> Engine::sized(std::uint64_t request, std::uint64_t bytes_nee
   if (it == requests_.end() || it->second.phase != Phase::Queued) return out;  // served meanwhile
   it->second.bytes = bytes_needed;
   schedule_locked(out, now);
+  prefetch_if_waiting_locked(out, request, now);
   return out;
+}
+
+void Engine::prefetch_if_waiting_locked(std::vector<Action>& out, std::uint64_t request,
+                                        Nanos now) {
+  const auto it = requests_.find(request);  // the schedule may have served or refused it
+  if (it == requests_.end() || it->second.phase != Phase::Queued) return;
+  const Request& r = it->second;
+  if (residents_.count(r.key) != 0) return;  // loading or ready: its runner reads the file
+  const auto peers = queue_by_model_.find(r.key);
+  if (peers == queue_by_model_.end() || peers->second.size() != 1) return;  // asked for already
+  Action a;
+  a.kind = ActionKind::Prefetch;
+  a.request = request;
+  a.key = r.key;
+  a.bytes = r.bytes;
+  emit_locked(out, std::move(a), now);
 }
 
 std::vector<Action> Engine::ready(const std::string& key, Nanos now, double load_seconds,

@@ -56,6 +56,7 @@ const char* to_string(ActionKind kind) {
     case ActionKind::Stop: return "stop";
     case ActionKind::Estimate: return "estimate";
     case ActionKind::Reject: return "reject";
+    case ActionKind::Prefetch: return "prefetch";
   }
   return "?";
 }
@@ -89,7 +90,8 @@ std::string describe(const Action& a) {
       break;
     case ActionKind::Stop:
     case ActionKind::Reject: s += ": " + a.reason; break;
-    case ActionKind::Estimate: break;
+    case ActionKind::Estimate:
+    case ActionKind::Prefetch: break;
   }
   return s;
 }

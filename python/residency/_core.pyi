@@ -289,6 +289,7 @@ class ActionKind(enum.Enum):
     STOP = 2
     ESTIMATE = 3
     REJECT = 4
+    PREFETCH = 5
 
 class StopCause(enum.Enum):
     NONE = 0

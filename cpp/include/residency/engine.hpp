@@ -69,6 +69,9 @@ enum class ActionKind : std::uint8_t {
   Stop,      ///< stop `key`'s runner, then report gone()
   Estimate,  ///< `request` arrived without its bytes and needs a load: report sized()
   Reject,    ///< `request` cannot be served: `reason` (and `code`) say why
+  /// `request` waits for `key`, which is not resident (queue, busy victims): its file may be read
+  /// into host RAM now, so that the load it waits for reads memory instead of disk. Advisory.
+  Prefetch,
 };
 
 enum class RejectCode : std::uint8_t {
@@ -181,6 +184,9 @@ class Engine {
   using Order = std::pair<Nanos, std::uint64_t>;  // (arrival, id): FIFO with a total order
 
   void emit_locked(std::vector<Action>& out, Action action, Nanos now);
+  /// `request` still waits for a model that is neither loading nor ready, and is its first waiter:
+  /// emits Prefetch, so that its file is read into host RAM during the wait.
+  void prefetch_if_waiting_locked(std::vector<Action>& out, std::uint64_t request, Nanos now);
   void grant_locked(std::vector<Action>& out, Request& r, Nanos now);
   void reject_locked(std::vector<Action>& out, Request& r, RejectCode code,
                      const std::string& reason, Nanos now);

@@ -320,6 +320,10 @@ class Scheduler:
             elif kind == ActionKind.ESTIMATE:
                 req = self._requests[a.request]
                 self._tasks.spawn(self._estimate(req), f"estimate-{a.key}")
+            elif kind == ActionKind.PREFETCH:
+                waiter = self._requests.get(a.request)
+                if waiter is not None and self._executor is not None:
+                    self._executor.prefetch(a.key, waiter.entry.path)
             else:
                 self._reject(a)
         if self._timer is not None:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from residency._core import StopCause
@@ -146,6 +147,11 @@ class Executor:
     def load(self, inst: Instance, victims: list[str], freed_bytes: int, needed: int) -> None:
         stops = [self.stopping[v][1] for v in victims if v in self.stopping]
         self._tasks.spawn(self._load(inst, stops, freed_bytes, needed), f"load-{inst.key}")
+
+    def prefetch(self, key: str, path: Path) -> None:
+        """A request waits for ``key``, not resident: read its file ahead if the tier admits it."""
+        if self.host_cache is not None:
+            self.host_cache.waiting(key, path, self._clock.now_ns())
 
     def stop(
         self, key: str, why: str, *, evicted: bool, cause: StopCause

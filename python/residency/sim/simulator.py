@@ -184,8 +184,6 @@ class _Run:
                 actions = engine.arrive(rid, m.key, SHAPE, m.bytes, self.keep_alive, now)
                 if not any(a.kind == ActionKind.GRANT and a.request == rid for a in actions):
                     self.waited += 1
-                    if self.host is not None and not any(a.key == m.key for a in actions):
-                        self.host.waiting(m.key, m.bytes, now)
             elif kind == _SERVED:
                 m = self.models[self.which[p]]
                 m.busy -= 1
@@ -237,6 +235,9 @@ class _Run:
                 self.stop(self.index[a.key], expired=a.reason == "keep-alive expired")
             elif a.kind == ActionKind.REJECT:
                 self.rejected += 1
+            elif a.kind == ActionKind.PREFETCH:
+                if self.host is not None:
+                    self.host.waiting(a.key, a.bytes, self.now)
             else:  # ESTIMATE: the simulator always passes the bytes
                 raise AssertionError(f"unexpected {a!r}")
 
