@@ -71,7 +71,7 @@ async def test_a_blocked_event_loop_turns_health_red_then_green(
     r = await client.get("/health")
     assert (r.status_code, r.json()["status"]) == (200, "ok")
     await asyncio.sleep(0.2)  # the watchdog's heartbeat and monitor are running
-    time.sleep(1.0)  # a blocking call on the event loop: every request stalls behind it
+    time.sleep(1.0)  # noqa: ASYNC251 - the point: a blocking call stalls the event loop
     r = await client.get("/health")
     assert r.status_code == 503
     assert r.json()["status"] == "unhealthy"
