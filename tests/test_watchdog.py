@@ -82,7 +82,10 @@ async def test_a_blocked_event_loop_turns_health_red_then_green(
     assert "test_a_blocked_event_loop_turns_health_red_then_green" in caplog.text
     await eventually(lambda: sched.watchdog is not None and sched.watchdog.health().ok, 5)
     r = await client.get("/health")
-    assert (r.status_code, r.json()) == (200, {"status": "ok", "failures": {}, "models_loaded": 0})
+    assert (r.status_code, r.json()) == (
+        200,
+        {"status": "ok", "failures": {}, "waiting": 0, "models_loaded": 0},
+    )
     assert metric(sched, "residency_healthy") == 1
 
 

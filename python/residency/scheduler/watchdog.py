@@ -47,9 +47,12 @@ class Health:
     ok: bool
     #: check → why it failed (empty when ok).
     failures: dict[str, str] = field(default_factory=dict)
+    #: Requests waiting now (queued, or for a load in progress).
+    waiting: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        return {"status": "ok" if self.ok else "unhealthy", "failures": self.failures}
+        status = "ok" if self.ok else "unhealthy"
+        return {"status": status, "failures": self.failures, "waiting": self.waiting}
 
 
 class Watchdog:
@@ -88,7 +91,7 @@ class Watchdog:
             self.fail("event_loop", f"the event loop has not run for {late:.1f} s")
         failures = {c: why for c, (why, until) in self._failures.items() if until > now}
         self._metrics.healthy.set(0 if failures else 1)
-        return Health(not failures, failures)
+        return Health(not failures, failures, self._engine.queued())
 
     def fail(self, check: str, why: str) -> None:
         """Notes a failure seen now (counted and logged once per episode)."""
