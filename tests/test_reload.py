@@ -4,6 +4,7 @@ rotated by a reload, settings that need a restart reported, and only changed mod
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 
 from residency.api.app import create_app
 from residency.config import ApiKeyConfig, ModelConfig, Settings, load_settings
+from residency.errors import ServerBusyError
 from residency.scheduler import Scheduler
-from scheduler_helpers import MIB, fake_model
+from scheduler_helpers import MIB, eventually, fake_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,7 +27,8 @@ CAROL = "carol-secret-key-0123456789"
 
 
 def settings(models: list[ModelConfig], **kw: Any) -> Settings:
-    return load_settings(models=models, memory_limit=500 * MIB, probe="host", **kw)
+    kw.setdefault("memory_limit", 500 * MIB)
+    return load_settings(models=models, probe="host", **kw)
 
 
 @pytest.fixture
@@ -152,3 +155,21 @@ async def test_without_a_way_to_reread_reload_is_not_available(tmp_path: Path) -
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
             r = await c.post("/api/residency/reload")
             assert r.status_code == 501
+
+
+async def test_a_request_queued_for_a_reconfigured_model_is_told_to_retry(
+    app_for: Any, tmp_path: Path
+) -> None:
+    """Room for one model: b's request waits behind busy a when b's configuration changes. It
+    was sized for the old one: 503 + Retry-After, and a retry loads the new configuration."""
+    a, b = fake_model("a", tmp_path, 100 * MIB), fake_model("b", tmp_path, 100 * MIB)
+    new = settings([a, b.model_copy(update={"ctx": 1024})], memory_limit=150 * MIB)
+    sched, client = await app_for(settings([a, b], memory_limit=150 * MIB), lambda: new)
+    async with sched.session("a"):
+        waiting = asyncio.create_task(sched.load("b"))
+        await eventually(lambda: sched.engine.queued() == 1, 10, "b queued")
+        assert (await client.post("/api/residency/reload")).json()["changed"] == ["b"]
+        with pytest.raises(ServerBusyError, match="'b' was reconfigured while this request waited"):
+            await waiting
+    async with sched.session("b") as lease:
+        assert lease.ctx == 1024

@@ -223,14 +223,21 @@ class Scheduler(SizingSteps):
     def replace_models(self, registry: Registry) -> ModelChanges:
         """Serves `registry`'s models from now on (a reload): a changed model's runner serves
         the requests it has and then stops (newcomers wait for a fresh one); a removed one
-        drains and stops; an added one loads on its first request."""
+        drains and stops; an added one loads on its first request. Requests still queued for a
+        changed or removed model were sized for the old configuration: they get 503 + Retry-After
+        (a retry resolves the new one)."""
         changes = model_changes(self._registry.entries(), registry.entries())
         self._registry, old = registry, self._registry
         old.close()
-        for name in (*changes.changed, *changes.removed):
+        gone = {*changes.changed, *changes.removed}
+        for req in [r for r in self._requests.values() if r.entry.name in gone]:
+            if not req.granted.done():
+                self._run(self.engine.cancel(req.id, self._clock.now_ns()))
+                why = f"model {req.entry.name!r} was reconfigured while this request waited"
+                req.granted.set_exception(ServerBusyError(why))
+        for name in sorted(gone):
             self._sizing.forget(name)
-            if self._engine is not None:
-                self._run(self._engine.unload(name, self._clock.now_ns(), fresh=True))
+            self._run(self.engine.unload(name, self._clock.now_ns(), fresh=True))
         return changes
 
     def device_usage(self) -> list[tuple[DeviceUsage, int | None]]:

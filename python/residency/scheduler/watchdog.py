@@ -136,6 +136,7 @@ class Watchdog:
                         self._pings = asyncio.create_task(self._ping_idle(), name="idle-pings")
                 self.health()  # keeps the gauge current without a scrape of /health
         finally:
+            self._metrics.listeners.remove(self._on_model_event)
             stop.set()
             if self._pings is not None:
                 self._pings.cancel()
