@@ -154,7 +154,8 @@ async def test_without_a_way_to_reread_reload_is_not_available(tmp_path: Path) -
         transport = httpx.ASGITransport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
             r = await c.post("/api/residency/reload")
-            assert r.status_code == 501
+            assert r.status_code == 404
+            assert "no configuration to re-read" in r.json()["error"]
 
 
 async def test_a_request_queued_for_a_reconfigured_model_is_told_to_retry(

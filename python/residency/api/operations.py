@@ -87,7 +87,7 @@ async def reload(request: Request) -> Response:
     """Re-reads the configuration; only models whose configuration changed restart."""
     reloader: Reloader | None = getattr(request.app.state, "reloader", None)
     if reloader is None:
-        raise ApiError(501, "this server was not started from a configuration it can re-read")
+        raise ApiError(404, "reload is not available: this server has no configuration to re-read")
     key: ApiKey | None = request.scope.get(SCOPE_KEY)
     if key is not None and key.models is not None:
         raise ApiError(403, f"API key {key.name!r} is limited to some models and may not reload")
