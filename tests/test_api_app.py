@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api_fakes import FakeRunner, serving
 from residency import cli
-from residency.api import ollama, ollama_models, openai
+from residency.api import ollama, ollama_models, openai, operations
 from residency.api.app import BODY_MODELS
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,6 +37,7 @@ EXPECTED_ROUTES = {
     ("GET", "/v1/models/{model}"),
     ("GET", "/metrics"),
     ("GET", "/health"),
+    ("POST", "/api/residency/reload"),
 }
 
 
@@ -58,6 +59,7 @@ async def test_openapi_schema_matches_the_endpoints() -> None:
                 *ollama.router.routes,
                 *ollama_models.router.routes,
                 *openai.router.routes,
+                *operations.router.routes,
                 *s.app.routes,
             ]
             if isinstance(r, APIRoute) and r.include_in_schema
@@ -67,7 +69,7 @@ async def test_openapi_schema_matches_the_endpoints() -> None:
         components = schema["components"]["schemas"]
         for path, ops in schema["paths"].items():
             for method, op in ops.items():
-                if method != "post":
+                if method != "post" or path == "/api/residency/reload":  # it takes no body
                     continue
                 ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
                 name = ref.rsplit("/", 1)[1]
@@ -187,9 +189,11 @@ def _serve_settings(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> Any:
 
     seen: dict[str, Any] = {}
 
-    def fake_serve(settings: Any, *, log_level: str = "info") -> int:
+    def fake_serve(settings: Any, *, log_level: str = "info", reload_settings: Any = None) -> int:
         seen["settings"] = settings
         seen["log_level"] = log_level
+        # A reload re-reads the same sources: the same settings while nothing changed.
+        assert reload_settings() == settings
         return 0
 
     monkeypatch.setattr(server, "serve", fake_serve)

@@ -111,6 +111,12 @@ async def test_a_keys_model_allow_list_and_its_name_in_the_log(
         assert (await s.client.get(f"/v1/models/{MODEL_A}", headers=bob)).status_code == 403
         alice = {"Authorization": f"Bearer {ALICE}"}
         assert len((await s.client.get("/api/tags", headers=alice)).json()["models"]) == 2
+        # /api/ps lists only the resident models the key may use.
+        s.sched.loaded = {"gemma3:270m", "other"}
+        running = (await s.client.get("/api/ps", headers=bob)).json()["models"]
+        assert [m["name"] for m in running] == ["other:latest"]
+        running = (await s.client.get("/api/ps", headers=alice)).json()["models"]
+        assert sorted(m["name"] for m in running) == ["gemma3:270m", "other:latest"]
     assert any(
         "key=bob" in r.getMessage() and "status=200" in r.getMessage() for r in caplog.records
     )

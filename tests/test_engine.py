@@ -246,3 +246,51 @@ def test_journal_and_adaptive_deadline() -> None:
     ]
     with pytest.raises(InvalidArgumentError):
         Engine([Device("gpu0", GiB)], queue="lifo")
+
+
+def test_a_queued_request_times_out_at_its_deadline() -> None:
+    """The core owns the queue's deadline: next_deadline() names it, and a tick at that instant
+    rejects exactly the requests queued that long (TimedOut), leaving the rest queued."""
+    e = one_slot(queue_timeout_ns=10 * S)
+    e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)
+    e.ready("a", S, 1.0)  # request 1 holds a: b cannot load beside it
+    assert e.arrive(2, "b", SHAPE, 6 * GiB, KA, 2 * S) == []
+    assert e.arrive(3, "b", SHAPE, 6 * GiB, KA, 5 * S) == []
+    assert e.oldest_wait(6 * S) == 4 * S
+    assert e.next_deadline() == 12 * S
+    assert e.tick(12 * S - 1) == []
+    timed_out = e.tick(12 * S)
+    assert kinds(timed_out) == [("reject", 2)]
+    assert timed_out[0].code == RejectCode.TIMED_OUT
+    assert "waited 10.0 s in the queue for 'b'" in timed_out[0].reason
+    assert e.queued() == 1
+    assert e.next_deadline() == 15 * S
+    # Once a's request is done, b loads for the one still waiting.
+    assert kinds(e.done(1, 13 * S)) == [("stop", "a"), ("load", "b"), ("grant", 3)]
+    assert e.oldest_wait(13 * S) == 0
+
+
+def test_without_a_queue_timeout_requests_wait_as_long_as_it_takes() -> None:
+    e = one_slot()
+    e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)
+    e.ready("a", S, 1.0)
+    e.arrive(2, "b", SHAPE, 6 * GiB, KA, 2 * S)
+    assert e.next_deadline() is None  # a is busy: no keep-alive runs, and no queue deadline
+    assert e.tick(10_000 * S) == []
+    assert e.queued() == 1
+
+
+def test_a_fresh_unload_lets_requests_in_flight_finish_and_newcomers_wait() -> None:
+    """Reload: the model's configuration changed. Its busy runner serves the requests it has;
+    a newcomer waits (never joins the old runner) and gets a fresh one once the old one is gone."""
+    e = one_slot()
+    e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)
+    e.ready("a", S, 1.0)
+    assert e.unload("a", 2 * S, fresh=True) == []  # busy: stops after request 1
+    assert e.arrive(2, "a", SHAPE, 6 * GiB, KA, 3 * S) == []  # waits
+    assert kinds(e.done(1, 4 * S)) == [("stop", "a")]
+    assert kinds(e.gone("a", 5 * S)) == [("load", "a"), ("grant", 2)]
+    # An idle model stops at once.
+    e.ready("a", 6 * S, 1.0)
+    e.done(2, 7 * S)
+    assert kinds(e.unload("a", 8 * S, fresh=True)) == [("stop", "a")]

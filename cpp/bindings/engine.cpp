@@ -19,8 +19,9 @@ LoadShape make_shape(std::uint32_t ctx, std::uint32_t parallel, std::string kv_t
 
 std::unique_ptr<Engine> make_engine(std::vector<DeviceSpec> devices, const std::string& policy,
                                     const std::string& queue, std::uint32_t max_queue,
-                                    Nanos starvation_ns, bool journal) {
-  EngineOptions options{discipline_from(queue), max_queue, starvation_ns, journal};
+                                    Nanos starvation_ns, bool journal, Nanos queue_timeout_ns) {
+  EngineOptions options{discipline_from(queue), max_queue, starvation_ns, journal,
+                        queue_timeout_ns};
   return std::make_unique<Engine>(std::move(devices), make_policy(policy), options);
 }
 
@@ -52,6 +53,7 @@ void register_engine(py::module_& m) {
       .value("TOO_LARGE", RejectCode::TooLarge)
       .value("BUSY", RejectCode::Busy)
       .value("FAILED", RejectCode::Failed)
+      .value("TIMED_OUT", RejectCode::TimedOut)
       .finalize();
 
   py::class_<LoadShape>(m, "LoadShape", "The options that decide a runner's memory.")
@@ -84,7 +86,8 @@ void register_engine(py::module_& m) {
   py::class_<Engine>(m, "Engine", "The request queue and every admission decision (sans-IO).")
       .def(py::init(&make_engine), py::arg("devices"), py::arg("policy") = "ollama",
            py::arg("queue") = "affinity", py::arg("max_queue") = 512,
-           py::arg("starvation_ns") = 0, py::arg("journal") = false)
+           py::arg("starvation_ns") = 0, py::arg("journal") = false,
+           py::arg("queue_timeout_ns") = 0)
       .def(
           "arrive",
           [](Engine& e, std::uint64_t request, const std::string& key, const LoadShape& shape,
@@ -120,7 +123,9 @@ void register_engine(py::module_& m) {
       .def("gone", &Engine::gone, py::arg("key"), py::arg("now"), GilFree())
       .def("failed", &Engine::failed, py::arg("key"), py::arg("reason"), py::arg("now"),
            GilFree())
-      .def("unload", &Engine::unload, py::arg("key"), py::arg("now"), GilFree())
+      .def("unload", &Engine::unload, py::arg("key"), py::arg("now"), py::arg("fresh") = false,
+           GilFree())
+      .def("oldest_wait", &Engine::oldest_wait, py::arg("now"), GilFree())
       .def("tick", &Engine::tick, py::arg("now"), GilFree())
       .def("next_deadline", &Engine::next_deadline, GilFree())
       .def("shape", &Engine::shape, py::arg("key"), GilFree())

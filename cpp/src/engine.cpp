@@ -1,6 +1,7 @@
 #include "residency/engine.hpp"
 
 #include <algorithm>
+#include <cstdio>
 
 #include "residency/errors.hpp"
 
@@ -152,11 +153,12 @@ std::vector<Action> Engine::failed(const std::string& key, const std::string& re
   return out;
 }
 
-std::vector<Action> Engine::unload(const std::string& key, Nanos now) {
+std::vector<Action> Engine::unload(const std::string& key, Nanos now, bool fresh) {
   std::lock_guard lock(mutex_);
   std::vector<Action> out;
   auto it = residents_.find(key);
   if (it == residents_.end()) return out;
+  it->second.retiring = it->second.retiring || fresh;
   if (!it->second.loading && it->second.granted.empty()) {
     stop_locked(out, key, StopCause::Unload, "unloaded on request", now);
     schedule_locked(out, now);
@@ -192,7 +194,7 @@ bool Engine::head_overdue_locked(Nanos now) const {
 
 bool Engine::servable_locked(const Request& r) const {
   auto it = residents_.find(r.key);
-  if (it == residents_.end()) return false;
+  if (it == residents_.end() || it->second.retiring) return false;
   // Ollama's fast path sees only loaded runners; affinity also lets requests join a load.
   if (it->second.loading && options_.discipline == Discipline::Ollama) return false;
   return it->second.shape.satisfies(r.shape);
@@ -200,6 +202,7 @@ bool Engine::servable_locked(const Request& r) const {
 
 void Engine::schedule_locked(std::vector<Action>& out, Nanos now) {
   expire_locked(out, now);
+  time_out_locked(out, now);
   if (options_.discipline == Discipline::Affinity && head_overdue_locked(now)) {
     held_back_ = true;
   } else if (options_.discipline == Discipline::Affinity && held_back_) {
@@ -224,6 +227,7 @@ void Engine::grant_riders_locked(std::vector<Action>& out, const std::string& ke
   auto queued = queue_by_model_.find(key);
   auto resident = residents_.find(key);
   if (queued == queue_by_model_.end() || resident == residents_.end()) return;
+  if (resident->second.retiring) return;
   std::vector<std::uint64_t> riders;
   for (const auto& [arrival, id] : queued->second) {
     if (resident->second.shape.satisfies(requests_.at(id).shape)) riders.push_back(id);
@@ -300,6 +304,19 @@ void Engine::expire_locked(std::vector<Action>& out, Nanos now) {
     if (residents_.count(key) != 0) {
       stop_locked(out, key, StopCause::Expired, "keep-alive expired", now);
     }
+  }
+}
+
+void Engine::time_out_locked(std::vector<Action>& out, Nanos now) {
+  if (options_.queue_timeout <= 0) return;
+  // The queue is in arrival order: only its front can be overdue.
+  while (!queue_.empty() && now - queue_.begin()->first >= options_.queue_timeout) {
+    Request& r = requests_.at(queue_.begin()->second);
+    const double waited = static_cast<double>(now - r.arrival) / 1e9;
+    char text[160];
+    std::snprintf(text, sizeof text, "waited %.1f s in the queue for '%s' (queue_timeout %.0f s)",
+                  waited, r.key.c_str(), static_cast<double>(options_.queue_timeout) / 1e9);
+    reject_locked(out, r, RejectCode::TimedOut, text, now);
   }
 }
 

@@ -10,8 +10,18 @@ namespace residency {
 std::optional<Nanos> Engine::next_deadline() const {
   std::lock_guard lock(mutex_);
   // Starvation deadlines need no wake-up of their own: passing one changes only what later events
-  // decide, never what must happen at that instant.
-  return set_.next_expiry();
+  // decide, never what must happen at that instant. A queue timeout must happen then.
+  std::optional<Nanos> next = set_.next_expiry();
+  if (options_.queue_timeout > 0 && !queue_.empty()) {
+    const Nanos due = queue_.begin()->first + options_.queue_timeout;
+    if (!next || due < *next) next = due;
+  }
+  return next;
+}
+
+Nanos Engine::oldest_wait(Nanos now) const {
+  std::lock_guard lock(mutex_);
+  return queue_.empty() ? 0 : now - queue_.begin()->first;
 }
 
 std::optional<LoadShape> Engine::shape(const std::string& key) const {

@@ -10,7 +10,7 @@ in the README's "Metrics" section.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -122,12 +122,41 @@ class ResidencyMetrics:
             ("model",),
             registry=r,
         )
+        self.queue_timeouts = Counter(
+            "residency_queue_timeouts",
+            "Requests that waited in the queue past queue_timeout_s (answered 503).",
+            ("model",),
+            registry=r,
+        )
+        self.reloads = Counter(
+            "residency_config_reloads",
+            "Configuration reloads (SIGHUP or POST /api/residency/reload), by result: ok, failed.",
+            ("result",),
+            registry=r,
+        )
+        self.watchdog_failures = Counter(
+            "residency_watchdog_failures",
+            "Failures the watchdog noticed, by check: event_loop, decision_loop, recovery_watcher, "
+            "idle_runner, thrash, queue.",
+            ("check",),
+            registry=r,
+        )
+        self.healthy = Gauge(
+            "residency_healthy",
+            "1 when /health answers ok, 0 when the watchdog sees a failure.",
+            registry=r,
+        )
+        #: Called with (event, model) on every load ("loaded") and eviction (its reason): the
+        #: watchdog's thrash check listens.
+        self.listeners: list[Callable[[str, str], None]] = []
         r.register(_StateCollector(self))
 
     # ---- what the scheduler reports ---------------------------------------------------------
     def loaded(self, model: str, seconds: float) -> None:
         self.loads.labels(model).inc()
         self.runner_load_seconds.labels(model).observe(seconds)
+        for listener in self.listeners:
+            listener("loaded", model)
 
     def load_failed(self, model: str) -> None:
         self.load_failures.labels(model).inc()
@@ -136,6 +165,8 @@ class ResidencyMetrics:
         if reason not in EVICTION_REASONS:
             raise ValueError(f"unknown eviction reason {reason!r}")
         self.evictions.labels(model, reason).inc()
+        for listener in self.listeners:
+            listener(reason, model)
 
     def crashed(self, model: str) -> None:
         self.crashes.labels(model).inc()

@@ -12,6 +12,7 @@ import argparse
 import gc
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["add_arguments", "run", "serve"]
@@ -56,14 +57,21 @@ def run(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     try:
         settings = load_settings(args.config, **overrides)
-        return serve(settings, log_level=args.log_level)
+        return serve(
+            settings,
+            log_level=args.log_level,
+            reload_settings=lambda: load_settings(args.config, **overrides),
+        )
     except ResidencyError as err:
         print(f"residency: error: {err}", file=sys.stderr)
         return 2
 
 
-def serve(settings: Any, *, log_level: str = "info") -> int:
-    """Serves until SIGINT/SIGTERM; returns the process exit status."""
+def serve(
+    settings: Any, *, log_level: str = "info", reload_settings: Callable[[], Any] | None = None
+) -> int:
+    """Serves until SIGINT/SIGTERM (SIGHUP: re-reads the configuration with `reload_settings`);
+    returns the process exit status."""
     import uvicorn
 
     from residency.api import create_app
@@ -74,7 +82,7 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
     # Built here, not in the lifespan: a bad model file fails with a clear message before
     # uvicorn binds the port. Constructing it starts nothing.
     scheduler = Scheduler(settings)
-    app = create_app(settings, scheduler=scheduler)
+    app = create_app(settings, scheduler=scheduler, reload_settings=reload_settings)
     # runner "auto" and no llama-server yet: build it meanwhile (runners.build).
     start_build_if_missing()
     config = uvicorn.Config(

@@ -59,6 +59,9 @@ struct EngineOptions {
   Nanos starvation = 0;
   /// Keep a human-readable log of every action (for differential tests of two drivers).
   bool journal = false;
+  /// A queued request still waiting this long is rejected (TimedOut); 0 = it waits as long as it
+  /// takes. Requests granted on a loading model are bounded by the load's own timeout instead.
+  Nanos queue_timeout = 0;
 };
 
 inline constexpr Nanos kDefaultStarvation = Nanos{10} * 1'000'000'000;
@@ -79,6 +82,7 @@ enum class RejectCode : std::uint8_t {
   TooLarge,  ///< fits on no device even when empty
   Busy,      ///< the queue is full
   Failed,    ///< the load or the runner failed under the request
+  TimedOut,  ///< it waited in the queue past the queue timeout
 };
 
 /// Why a Stop was decided (metrics count stops by it; the driver picks the grace period).
@@ -141,17 +145,20 @@ class Engine {
   /// The load of `key` failed, or its runner died: every request still granted on it is rejected
   /// (Failed) and the model leaves; the driver stops what is left of the runner, then calls gone().
   std::vector<Action> failed(const std::string& key, const std::string& reason, Nanos now);
-  /// Unload `key` now if idle, else as soon as its last request is done.
-  std::vector<Action> unload(const std::string& key, Nanos now);
+  /// Unload `key` now if idle, else as soon as its last request is done. With `fresh`, new
+  /// requests no longer join the runner: they wait for a fresh one (its configuration changed).
+  std::vector<Action> unload(const std::string& key, Nanos now, bool fresh = false);
   /// Time passed: keep-alive expiries and starvation deadlines due at `now`.
   std::vector<Action> tick(Nanos now);
 
-  /// The next instant tick() has work: a keep-alive expiry or a starvation deadline.
+  /// The next instant tick() has work: a keep-alive expiry or a queued request's timeout.
   [[nodiscard]] std::optional<Nanos> next_deadline() const;
   /// The shape the resident `key` was loaded with.
   [[nodiscard]] std::optional<LoadShape> shape(const std::string& key) const;
   /// Requests waiting: queued, or granted on a model still loading.
   [[nodiscard]] std::size_t queued() const;
+  /// How long the oldest queued request has waited at `now` (0 when none waits).
+  [[nodiscard]] Nanos oldest_wait(Nanos now) const;
   [[nodiscard]] std::size_t loads_in_flight() const;
   [[nodiscard]] Nanos starvation_deadline() const;
   /// The oldest waiting request if it waits for busy models to go idle (else 0): once it is past
@@ -179,6 +186,8 @@ class Engine {
     LoadShape shape;
     bool loading = true;
     bool unload_when_idle = false;
+    /// Serves only the requests it already has (unload(fresh)): newcomers wait for a new runner.
+    bool retiring = false;
     std::unordered_set<std::uint64_t> granted;
   };
   using Order = std::pair<Nanos, std::uint64_t>;  // (arrival, id): FIFO with a total order
@@ -202,6 +211,8 @@ class Engine {
   /// Works on the oldest waiting request; false when it must keep waiting (nothing behind it loads).
   bool serve_head_locked(std::vector<Action>& out, Request& head, Nanos now);
   void expire_locked(std::vector<Action>& out, Nanos now);
+  /// Rejects the queued requests that waited past the queue timeout.
+  void time_out_locked(std::vector<Action>& out, Nanos now);
   void release_locked(std::vector<Action>& out, Request& r, Nanos now,
                       std::optional<Nanos> keep_alive);
   /// A compatible, not-unloading resident model `r` may use now (ignoring the queue).

@@ -19,10 +19,10 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from residency import __version__
-from residency.api import ollama, openai
+from residency.api import ollama, openai, operations
 from residency.api._types import SchedulerLike
 from residency.api.errors import error_for, install_exception_handlers
-from residency.api.proxy import json_response
+from residency.api.operations import reloading
 from residency.api.schemas import (
     ChatRequest,
     EmbeddingsRequest,
@@ -108,11 +108,13 @@ def create_app(
     *,
     scheduler: SchedulerLike | None = None,
     scheduler_factory: Callable[[Settings], SchedulerLike] | None = None,
+    reload_settings: Callable[[], Settings] | None = None,
 ) -> FastAPI:
     """The residency server for `settings`.
 
     `scheduler` (already built) or `scheduler_factory` replace the real Scheduler — for tests and
-    embedding; either way the lifespan starts it and stops it.
+    embedding; either way the lifespan starts it and stops it. `reload_settings` re-reads the
+    configuration: SIGHUP and POST /api/residency/reload apply what it returns.
     """
 
     keys = load_keys(settings)  # a bad key file fails here, before the port is bound
@@ -132,7 +134,8 @@ def create_app(
         warn_if_exposed(settings, keys)
         await sched.start()
         try:
-            yield
+            async with reloading(app, settings, reload_settings, sched):
+                yield
         finally:
             await sched.stop()
 
@@ -147,16 +150,12 @@ def create_app(
     install_exception_handlers(app)
     app.include_router(ollama.router)
     app.include_router(openai.router)
+    app.include_router(operations.router)
 
     @app.get("/metrics", tags=["residency"], response_class=PlainTextResponse)
     async def metrics(state: State) -> Response:
         """Prometheus text format: requests, loads, evictions, crashes, devices and models."""
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/health", tags=["residency"])
-    async def health(state: State) -> Response:
-        """Liveness: the server answers. (Scheduler and runner checks come with the watchdog.)"""
-        return json_response({"status": "ok", "models_loaded": len(state.scheduler.resident())})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -61,10 +61,13 @@ def _expires_at(r: ResidentLike) -> str:
 
 
 @router.get("/api/ps")
-async def ps(state: State) -> Response:
-    """Resident models, with residency's own accounting beside Ollama's fields."""
+async def ps(request: Request, state: State) -> Response:
+    """Resident models, with residency's own accounting beside Ollama's fields (with a key: those
+    the key may use, as /api/tags lists them)."""
     models = []
     for r in state.scheduler.resident():
+        if not key_allows(request.scope, r.name):
+            continue
         models.append(
             {
                 "name": tagged(r.name),

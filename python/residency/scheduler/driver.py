@@ -37,7 +37,6 @@ from residency.registry import ModelEntry, Registry
 from residency.scheduler.clock import Clock, MonotonicClock
 from residency.scheduler.devices import discover, engine_devices
 from residency.scheduler.executor import (
-    HOST_DEVICE,
     Executor,
     Instance,
     RunnerFactory,
@@ -46,10 +45,13 @@ from residency.scheduler.executor import (
 )
 from residency.scheduler.host_cache import make_host_cache
 from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
+from residency.scheduler.reload import ModelChanges, model_changes
 from residency.scheduler.requests import PendingRequest, copy_error, shape_of
 from residency.scheduler.rows import device_usage, resident_rows
 from residency.scheduler.sizing import Sizing, gib
+from residency.scheduler.sizing_steps import SizingSteps
 from residency.scheduler.timer import KeepAliveTimer
+from residency.scheduler.watchdog import Watchdog
 from residency.watcher import Watcher
 
 __all__ = ["Scheduler"]
@@ -60,7 +62,7 @@ log = logging.getLogger("residency.scheduler")
 PING_AFTER_IDLE_NS = 1_000_000_000
 
 
-class Scheduler:
+class Scheduler(SizingSteps):
     """Loads, keeps alive, evicts and recovers models on behalf of concurrent requests."""
 
     def __init__(
@@ -94,6 +96,8 @@ class Scheduler:
         self._timer: KeepAliveTimer | None = None
         self._timer_task: asyncio.Task[None] | None = None
         self._started = self._closed = False
+        #: Liveness of the loop, idle runners, the watcher, thrash and waits (/health reads it).
+        self.watchdog: Watchdog | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,8 +112,9 @@ class Scheduler:
             self._probe, self._device_infos = discover(s)
         devices, index = engine_devices(s, self._device_infos)
         self._engine = Engine(
-            devices, s.policy, s.queue, s.max_queue, int(s.starvation_s * 1e9), self._journal
-        )
+            devices, s.policy, s.queue, s.max_queue, int(s.starvation_s * 1e9), self._journal,
+            queue_timeout_ns=int(s.queue_timeout_s * 1e9),
+        )  # fmt: skip
         self._watcher = Watcher()
         self._watcher.start()
         self._executor = Executor(
@@ -134,6 +139,11 @@ class Scheduler:
         self._timer_task = asyncio.create_task(self._timer.run(), name="residency-keep-alive")
         for name in s.preload:
             self._tasks.spawn(self._preload(name), f"preload-{name}")
+        self.watchdog = Watchdog(
+            s, self.metrics, engine=self._engine, executor=self._executor,
+            watcher=self._watcher, engine_now_ns=self._clock.now_ns,
+        )  # fmt: skip
+        self._tasks.spawn(self.watchdog.run(lambda: self._timer_task), "watchdog")
 
     async def stop(self) -> None:
         """Cancels timers and loads, stops every runner group (SIGTERM, deadline, SIGKILL)."""
@@ -213,6 +223,26 @@ class Scheduler:
         stopping = self._executor.stopping.get(entry.name)
         if stopping is not None:
             await asyncio.shield(stopping[1])
+
+    def replace_models(self, registry: Registry) -> ModelChanges:
+        """Serves `registry`'s models from now on (a reload): a changed model's runner serves
+        the requests it has and then stops (newcomers wait for a fresh one); a removed one
+        drains and stops; an added one loads on its first request. Requests still queued for a
+        changed or removed model were sized for the old configuration: they get 503 + Retry-After
+        (a retry resolves the new one)."""
+        changes = model_changes(self._registry.entries(), registry.entries())
+        self._registry, old = registry, self._registry
+        old.close()
+        gone = {*changes.changed, *changes.removed}
+        for req in [r for r in self._requests.values() if r.entry.name in gone]:
+            if not req.granted.done():
+                self._run(self.engine.cancel(req.id, self._clock.now_ns()))
+                why = f"model {req.entry.name!r} was reconfigured while this request waited"
+                req.granted.set_exception(ServerBusyError(why))
+        for name in sorted(gone):
+            self._sizing.forget(name)
+            self._run(self.engine.unload(name, self._clock.now_ns(), fresh=True))
+        return changes
 
     def device_usage(self) -> list[tuple[DeviceUsage, int | None]]:
         return [] if self._executor is None else device_usage(self.core, self._executor)
@@ -341,45 +371,14 @@ class Scheduler:
         req = self._requests.get(a.request)
         if req is None or req.granted.done():
             return  # a voided grant: the request sees its runner's failure
-        if a.code == RejectCode.BUSY:
+        if a.code in (RejectCode.BUSY, RejectCode.TIMED_OUT):
+            if a.code == RejectCode.TIMED_OUT and self.watchdog is not None:
+                self.watchdog.timed_out(a.key, a.reason)
             req.granted.set_exception(ServerBusyError(a.reason, retry_after_s=1.0))
         elif a.code == RejectCode.TOO_LARGE:
             self._tasks.spawn(self._too_large(req, a.reason), f"offload-{a.key}")
         else:
             req.granted.set_exception(ResidencyError(a.reason))
-
-    async def _estimate(self, req: PendingRequest) -> None:
-        try:
-            sized = await self._sizing.needed(req.entry, req.want, self._has_gpu())
-            req.bytes, req.gpu_layers = sized
-        except Exception as err:
-            self._run(self.engine.cancel(req.id, self._clock.now_ns()))
-            if not req.granted.done():
-                req.granted.set_exception(err)
-            return
-        self._run(self.engine.sized(req.id, req.bytes, self._clock.now_ns()))
-
-    async def _too_large(self, req: PendingRequest, reason: str) -> None:
-        """Fits on no device: retry with the layers that fit on the largest GPU, else fail."""
-        try:
-            budget = max(d.budget_bytes for d in self.core.devices()) if self._has_gpu() else None
-            partial = await self._sizing.partial_offload(
-                req.entry, req.want, req.bytes, req.gpu_layers, budget
-            )
-        except Exception as err:
-            partial = None
-            reason = f"{reason} (partial offload failed: {err})"
-        if req.granted.done():
-            return
-        if partial is None:
-            req.granted.set_exception(req.too_large(reason))
-            return
-        req.bytes, req.gpu_layers = partial
-        now = self._clock.now_ns()
-        shape = shape_of(req.want)
-        self._run(
-            self.engine.arrive(req.id, req.entry.name, shape, req.bytes, req.keep_alive_ns, now)
-        )
 
     # ---- what the executor reports -------------------------------------------------------------
     def runner_ready(self, inst: Instance, load_s: float, measured: int | None) -> None:
@@ -403,6 +402,3 @@ class Scheduler:
             log.info("preloaded %s in %.2f s", name, lease.load_duration_ns / 1e9)
         except ResidencyError as err:
             log.error("preloading %s failed: %s", name, err)
-
-    def _has_gpu(self) -> bool:
-        return any(d.id != HOST_DEVICE for d in self.core.devices())

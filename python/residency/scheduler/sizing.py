@@ -84,6 +84,13 @@ class Sizing:
             gpu_layers=gpu,
         )
 
+    def forget(self, name: str) -> None:
+        """Drops what was worked out for `name` (its configuration changed: a reload)."""
+        self._default_options.pop(name, None)
+        self._keep_alive.pop(name, None)
+        for key in [k for k in self._estimates if k[0] == name]:
+            del self._estimates[key]
+
     def keep_alive(self, entry: ModelEntry) -> int:
         """The model's keep-alive (its config's, else the server's), parsed once."""
         ka = self._keep_alive.get(entry.name)
