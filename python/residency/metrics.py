@@ -37,6 +37,7 @@ class StateSource(Protocol):
     def resident(self) -> Sequence[Any]: ...
     def models(self) -> Sequence[Any]: ...
     def device_usage(self) -> Sequence[tuple[Any, int | None]]: ...
+    def failing(self) -> Sequence[Any]: ...
 
 
 class ResidencyMetrics:
@@ -122,6 +123,12 @@ class ResidencyMetrics:
             ("model",),
             registry=r,
         )
+        self.circuit_opens = Counter(
+            "residency_model_circuit_opens",
+            "Times a model's circuit opened after consecutive runner failures.",
+            ("model",),
+            registry=r,
+        )
         r.register(_StateCollector(self))
 
     # ---- what the scheduler reports ---------------------------------------------------------
@@ -136,6 +143,9 @@ class ResidencyMetrics:
         if reason not in EVICTION_REASONS:
             raise ValueError(f"unknown eviction reason {reason!r}")
         self.evictions.labels(model, reason).inc()
+
+    def circuit_opened(self, model: str) -> None:
+        self.circuit_opens.labels(model).inc()
 
     def crashed(self, model: str) -> None:
         self.crashes.labels(model).inc()
@@ -185,8 +195,15 @@ class _StateCollector(Collector):
         refcount = GaugeMetricFamily(
             "residency_model_refcount", "Requests holding each resident model.", labels=("model",)
         )
+        failing = GaugeMetricFamily(
+            "residency_model_consecutive_failures",
+            "Runner failures in a row, by model and state (backoff, open, half_open, closed).",
+            labels=("model", "state"),
+        )
         if source is not None:
             configured.add_metric([], len(source.models()))
+            for f in source.failing():
+                failing.add_metric([f["name"], f["state"]], f["failures"])
             for usage, free in source.device_usage():
                 device["total"].add_metric([usage.id], usage.total_bytes)
                 device["budget"].add_metric([usage.id], usage.budget_bytes)
@@ -205,6 +222,7 @@ class _StateCollector(Collector):
         yield resident
         yield from per_model.values()
         yield refcount
+        yield failing
         yield from _kv_counters()
 
 

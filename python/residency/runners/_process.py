@@ -22,6 +22,7 @@ __all__ = [
     "die_with_parent",
     "free_port",
     "group_has_live_members",
+    "has_exited",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -145,3 +146,12 @@ def group_has_live_members(pgid: int) -> bool:
             if len(stat) > 2 and int(stat[2]) == pgid and stat[0] != "Z":
                 return True
     return False
+
+
+def has_exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (exited, not yet reaped): one read of its stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True
+    return stat.rsplit(b")", 1)[1].split(None, 1)[0] in (b"Z", b"X")
