@@ -25,11 +25,11 @@ from typing import cast
 import httptools
 
 __all__ = [
-    "Refused",
     "Response",
     "RunnerClient",
     "StreamResponse",
     "TransportError",
+    "Unanswered",
     "UpstreamTimeout",
 ]
 
@@ -46,8 +46,9 @@ class UpstreamTimeout(TransportError):
     """The runner sent nothing for a request for too long (see runners.upstream): never resent."""
 
 
-class Refused(TransportError):
-    """Nothing listens on the runner's port: it never saw the request (it died or is dying)."""
+class Unanswered(TransportError):
+    """The runner refused or dropped a new connection without a byte of answer (it is dead or
+    dying, as a rule: the caller may ask a fresh runner)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()  # a body delimited by the connection's end
             return
         what = f"{type(exc).__name__}: {exc}" if exc else "the runner closed the connection"
-        self.fail(TransportError(f"connection lost before the answer was complete ({what})"))
+        error = TransportError if self.received_any else Unanswered
+        self.fail(error(f"connection lost before the answer was complete ({what})"))
 
     # ---- httptools callbacks ----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -386,7 +388,7 @@ class RunnerClient:
             reason = (
                 os.strerror(err.errno).lower() if err.errno else str(err)
             )  # "connection refused"
-            error = Refused if isinstance(err, ConnectionRefusedError) else TransportError
+            error = Unanswered if isinstance(err, ConnectionRefusedError) else TransportError
             raise error(f"cannot connect to {self.base_url}: {reason}") from None
         self._busy.add(conn)
         if self.on_busy is not None:

@@ -22,10 +22,10 @@ from pydantic_core import from_json, to_json
 
 from residency.errors import ResidencyError, RunnerError
 from residency.runners.http import (
-    Refused,
     RunnerClient,
     StreamResponse,
     TransportError,
+    Unanswered,
     UpstreamTimeout,
 )
 
@@ -74,7 +74,8 @@ class RunnerTimedOut(RunnerFailed):
 
 
 class RunnerUnreachable(RunnerFailed):
-    """The runner's port refused the request, which it never saw: it may go to a fresh runner."""
+    """The runner refused or dropped the request without a byte of answer: when it turns out
+    dead, the request goes to a fresh runner instead."""
 
 
 def runner_message(status: int, content: bytes) -> str:
@@ -203,8 +204,8 @@ class RunnerApi:
         """The error for a request whose connection failed (`err`): timed out, or lost."""
         if isinstance(err, UpstreamTimeout):
             return RunnerTimedOut(f"runner for model {self._name!r} {err}", self._output_tail())
-        if isinstance(err, Refused):
-            return RunnerUnreachable(f"runner for model {self._name!r} is gone ({err})")
+        if isinstance(err, Unanswered):
+            return RunnerUnreachable(f"runner for model {self._name!r} did not answer ({err})")
         return self.failed(f"failed during the request ({err})")
 
     def _refusal(self, status: int, content: bytes) -> Exception:

@@ -60,7 +60,7 @@ class UpstreamTimeouts:
 
 
 def tree_progress(pid: int | None) -> tuple[int, ...]:
-    """CPU ticks, faults and bytes read by `pid` and its descendants: any work changes it.
+    """CPU ticks, major faults and bytes read by `pid` and its descendants: any work changes it.
 
     Descendants count because a runner may be a wrapper whose child does the work; a process
     that has exited drops out (the sum may fall, which is a change all the same)."""
@@ -74,7 +74,8 @@ def tree_progress(pid: int | None) -> tuple[int, ...]:
         try:
             stat = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             ticks += int(stat[11]) + int(stat[12])  # utime + stime
-            faults += int(stat[7]) + int(stat[9])  # minflt + majflt: paging in counts as work
+            faults += int(stat[9])  # majflt: paging the model in from disk is work (minor
+            # faults are not: a new thread's stack makes some, and a wedged server still spawns)
         except (OSError, IndexError, ValueError):
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):

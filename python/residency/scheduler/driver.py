@@ -50,7 +50,7 @@ from residency.scheduler.host_cache import make_host_cache
 from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
 from residency.scheduler.requests import PendingRequest, copy_error, shape_of
 from residency.scheduler.rows import device_usage, resident_rows
-from residency.scheduler.runner_checks import check_before_use, still_serving
+from residency.scheduler.runner_checks import check_before_use, exits_soon, still_serving
 from residency.scheduler.sizing import Sizing, gib
 from residency.scheduler.timer import KeepAliveTimer
 from residency.watcher import Watcher
@@ -232,8 +232,9 @@ class Scheduler:
         lease, request_id, ka = await self._acquire(model, keep_alive, options)
         try:
             yield lease
-        except RunnerUnreachable:  # its port is closed: dead, even if its exit is not seen yet
-            still_serving(self._executor, lease, "refused a connection (its port is closed)")
+        except RunnerUnreachable:  # dropped unanswered: if it is dying, fail it before the retry
+            if await exits_soon(lease.runner):
+                still_serving(self._executor, lease, "exited (dropped a request unanswered)")
             raise
         else:
             if self.circuit.failing and still_serving(self._executor, lease):

@@ -8,10 +8,13 @@ again and a new runner loads).
 
 from __future__ import annotations
 
+import asyncio
+
+from residency.runners import Runner
 from residency.scheduler.executor import Executor, Instance
 from residency.scheduler.lease import Lease
 
-__all__ = ["PING_AFTER_IDLE_NS", "check_before_use", "still_serving"]
+__all__ = ["PING_AFTER_IDLE_NS", "check_before_use", "exits_soon", "still_serving"]
 
 #: A runner idle longer than this is pinged before it is handed out (it may have hung meanwhile).
 PING_AFTER_IDLE_NS = 1_000_000_000
@@ -29,6 +32,17 @@ async def check_before_use(executor: Executor | None, inst: Instance, idle_ns: i
     if not ok and inst.failure is None:
         what = "exited" if runner.vanished() else "stopped answering its health check"
         executor.runner_died(inst, what)
+
+
+async def exits_soon(runner: Runner, within_s: float = 0.25) -> bool:
+    """Whether `runner` has exited or does within `within_s`: a runner that dropped a request
+    unanswered is dying as a rule (its sockets close before its exit shows)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not runner.vanished():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
 
 
 def still_serving(executor: Executor | None, lease: Lease, fail_with: str | None = None) -> bool:
