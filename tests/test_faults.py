@@ -85,7 +85,7 @@ async def test_a_runner_killed_while_idle_is_replaced_for_the_very_next_request(
                 "SIGKILL idle -> next request served by a fresh runner", time.monotonic() - start
             )
         assert [row.name for row in s.resident()] == ["a"]
-        assert s.failing()[0]["failures"] == 1  # each crash was followed by a served request
+        assert s.failing() == []  # each crash was followed by a served request: no streak
 
 
 async def test_a_runner_killed_mid_stream_fails_that_stream_only(tmp_path: Path) -> None:
@@ -108,11 +108,12 @@ async def test_a_runner_killed_mid_stream_fails_that_stream_only(tmp_path: Path)
         lines = await task
         figure("SIGKILL mid-stream -> the stream's error line", time.monotonic() - killed)
         assert lines[0]["message"]["content"] == "reply "
-        assert "error" in lines[-1] and "'a'" in lines[-1]["error"], lines[-1]
+        assert "'a'" in lines[-1].get("error", ""), lines[-1]
         await eventually(lambda: s.core.reservation("a") is None, what="a's reservation freed")
         assert (await generate(client, "b")).json()["load_duration"] == 0  # b never noticed
         r = await generate(client, "a")
-        assert r.status_code == 200 and r.json()["load_duration"] > 0
+        assert r.status_code == 200
+        assert r.json()["load_duration"] > 0
 
 
 async def test_a_hung_runner_fails_its_request_with_504_and_is_replaced(tmp_path: Path) -> None:
@@ -131,13 +132,15 @@ async def test_a_hung_runner_fails_its_request_with_504_and_is_replaced(tmp_path
         noticed = time.monotonic() - stopped
         figure("SIGSTOP mid-request -> 504", noticed)
         assert r.status_code == 504, r.text
-        assert "stalled" in r.json()["error"] and "'h'" in r.json()["error"]
+        assert "'h'" in r.json()["error"]
+        assert "stalled" in r.json()["error"]
         assert noticed < 5
         await eventually(lambda: not alive(pid), 10, "the hung runner killed (SIGKILL)")
         figure("SIGSTOP mid-request -> runner gone", time.monotonic() - stopped)
         await eventually(lambda: s.core.reservation("h") is None, what="its reservation freed")
         r = await generate(client, "h")
-        assert r.status_code == 200 and r.json()["load_duration"] > 0  # a fresh runner
+        assert r.status_code == 200
+        assert r.json()["load_duration"] > 0  # a fresh runner
         [row] = s.resident()
         assert row.name == "h"
 
@@ -193,7 +196,7 @@ async def test_a_taken_port_fails_that_load_and_the_next_one_recovers(
 ) -> None:
     import socket
 
-    import residency.runners.base as base
+    from residency.runners import base
 
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))

@@ -151,7 +151,7 @@ async def test_a_silent_idle_runner_stalls_within_the_bound() -> None:
     async with silent_server() as port:
         client, fired = watched(port, UpstreamTimeouts(stall_s=0.3, chunk_s=0), busy=False)
         start = time.monotonic()
-        with pytest.raises(UpstreamTimeout, match="did no work for 0.3 s before the first byte"):
+        with pytest.raises(UpstreamTimeout, match=r"did no work for 0\.3 s before the first byte"):
             await client.post("/v1/chat/completions", b"{}")
         assert 0.3 <= time.monotonic() - start < 2
         assert len(fired) == 1
@@ -176,7 +176,7 @@ async def test_the_chunk_limit_holds_even_for_a_busy_runner() -> None:
         stream = await client.stream("POST", "/v1/chat/completions", body=b"{}")
         chunks = stream.aiter_bytes()
         assert await chunks.__anext__() == b"ab"
-        with pytest.raises(TransportError, match="sent nothing for 0.4 s between two chunks"):
+        with pytest.raises(TransportError, match=r"sent nothing for 0\.4 s between two chunks"):
             await chunks.__anext__()
         assert fired
         await client.aclose()
@@ -210,7 +210,8 @@ def test_progress_covers_the_process_tree() -> None:
     import os
 
     mine = tree_progress(os.getpid())
-    assert len(mine) == 4 and mine[0] > 0
+    assert len(mine) == 4
+    assert mine[0] > 0
     sum(range(3_000_000))  # CPU work changes it
     assert tree_progress(os.getpid()) != mine
     assert tree_progress(None) == ()
