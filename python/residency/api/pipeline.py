@@ -155,8 +155,9 @@ class Call:
             if events.first_at is not None:
                 self.rec.first_event(events.first_at)
             return Upstream(stack, lease, events, t_sent)
-        except BaseException:
-            await stack.aclose()
+        except BaseException as err:
+            # The lease sees the error (a runner that dropped the request unanswered is failed).
+            await stack.__aexit__(type(err), err, err.__traceback__)
             raise
 
     async def load(self) -> int:
