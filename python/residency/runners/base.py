@@ -27,11 +27,11 @@ from residency.memory import runner_gpu_environment
 from residency.runners._process import (
     CAN_DIE_WITH_PARENT,
     LOOPBACK,
+    ExitWatch,
     OutputPipe,
     die_with_parent,
     free_port,
     group_has_live_members,
-    has_exited,
 )
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
@@ -119,6 +119,7 @@ class Runner(ABC):
         self._pgid: int | None = None
         self._output: OutputPipe | None = None
         self._waiter: asyncio.Task[None] | None = None
+        self._exit_watch: ExitWatch | None = None
         self._exited = asyncio.Event()
         self._stopping = False
         self._last_output_s = 0.0
@@ -178,7 +179,7 @@ class Runner(ABC):
         to be sent checks this, so one sent right after a crash goes to a fresh runner."""
         if self.exited:
             return True
-        return self._proc is not None and has_exited(self._proc.pid)
+        return self._exit_watch is not None and self._exit_watch.exited()
 
     @property
     def stopping(self) -> bool:
@@ -216,6 +217,7 @@ class Runner(ABC):
         finally:
             os.close(write_fd)
         self._pgid = self._proc.pid  # session leader: pgid == pid
+        self._exit_watch = ExitWatch(self._proc.pid)
         self._output = OutputPipe(read_fd, self._take_lines)
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"runner-wait-{self.pid}")
 
@@ -367,6 +369,8 @@ class Runner(ABC):
     async def _wait_exit(self) -> None:
         assert self._proc is not None
         rc = await self._proc.wait()
+        if self._exit_watch is not None:
+            self._exit_watch.close()
         # Its last words are in the pipe already: take them before anyone asks why it exited.
         if self._output is not None:
             self._output.close()
