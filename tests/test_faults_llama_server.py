@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,6 +49,10 @@ circuit_cooldown_s = 60
 name = "gemma"
 path = "{gemma}"
 [[models]]
+name = "gemma-slow"
+path = "{gemma}"
+args = ["--threads", "1", "--threads-batch", "1"]
+[[models]]
 name = "corrupt"
 path = "{corrupt}"
 [[models]]
@@ -66,8 +71,14 @@ def generate(server: Server, model: str) -> httpx.Response:
     return httpx.post(server.url + "/api/generate", json=body, timeout=180)
 
 
-def the_runner(server: Server) -> int:
-    [pid] = [p for p in runner_pids(server.proc.pid) if alive(p)]
+def the_runner(server: Server, model: str = "gemma") -> int:
+    """The live llama-server serving `model`."""
+    alias = f"--alias\0{model}\0".encode()
+    [pid] = [
+        p
+        for p in runner_pids(server.proc.pid)
+        if alive(p) and alias in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
     return pid
 
 
@@ -111,6 +122,19 @@ def test_a_runner_stopped_mid_stream_ends_it_with_a_stall_error_and_is_replaced(
     r = generate(server, "gemma")
     assert r.status_code == 200, r.text
     assert r.json()["load_duration"] > 0
+
+
+def test_a_long_prefill_is_not_a_stall(server: Server) -> None:
+    # One thread prefilling ~800 tokens sends nothing for longer than the 2 s stall timeout, but
+    # its CPU is busy all along: it is served, never cut short.
+    prompt = " ".join(["alpha"] * 800) + ". Say hi."
+    body = {"model": "gemma-slow", "prompt": prompt, "stream": False, "options": FAST}
+    r = httpx.post(server.url + "/api/generate", json=body, timeout=180)
+    assert r.status_code == 200, r.text
+    prefill_s = r.json()["prompt_eval_duration"] / 1e9
+    figure("prefill served without a byte sent (stall timeout 2 s)", prefill_s)
+    assert prefill_s > 2, "the prefill was too fast to show anything about the stall timeout"
+    server.unload("gemma-slow")
 
 
 def test_a_corrupt_gguf_fails_with_a_clear_message(server: Server) -> None:
