@@ -170,9 +170,12 @@ async def test_a_model_that_always_fails_backs_off_then_opens_its_circuit(tmp_pa
         assert "failed 3 times in a row" in r.json()["error"]
         assert "exit code 3 while loading" in r.json()["error"]  # the last failure's reason
         openai = await client.post(
-            "/v1/chat/completions", json={"model": "bad", "messages": [{"role": "user"}]}
+            "/v1/chat/completions",
+            json={"model": "bad", "messages": [{"role": "user", "content": "hi"}]},
         )
-        assert openai.status_code in (400, 503)
+        assert openai.status_code == 503, openai.text
+        assert openai.json()["error"]["code"] == "model_failing"
+        assert "retry-after" in openai.headers
         [failing] = (await client.get("/api/ps")).json()["failing"]
         assert failing["name"] == "bad:latest"
         assert (failing["state"], failing["failures"]) == ("open", 3)
