@@ -24,7 +24,7 @@ candidate ÷ baseline; the targets are the issue's, and ``targets_met`` says whe
 keep-alive, the one whose file the host tier holds warm leaves first (its reload reads no disk),
 then the least recently used.
 
-Run: ``python benchmarks/bench_policies.py [--quick] [--policy gdsf|tiered]``. The last line is JSON.
+Run: ``python benchmarks/bench_policies.py [--quick] [--policy gdsf|tiered]``. Last line: JSON.
 """
 
 from __future__ import annotations

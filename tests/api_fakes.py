@@ -358,6 +358,9 @@ class FakeScheduler:
     def device_usage(self) -> list[tuple[FakeDeviceUsage, int | None]]:
         return [(FakeDeviceUsage(), 7_000_000_000)]
 
+    def failing(self) -> list[dict[str, Any]]:
+        return []
+
     async def unload(self, model: str) -> None:
         name = self.resolve(model).name
         self.unloaded.append(name)

@@ -5,7 +5,8 @@ llama.cpp-style buffer lines as its memory report, and can be told to misbehave:
 
     python tests/fake_runner.py --port 8080 --name m --bytes 1000000 --sim /tmp/dev
         [--load-s 0.5] [--fail-load] [--hang-health] [--crash-after-s 1] [--crash-on-request]
-        [--request-s 0.2] [--child] [--ignore-term] [--no-report]
+        [--request-s 0.2 [--spin]] [--chunk-s 0.5] [--fail-load-while FILE] [--child]
+        [--ignore-term] [--no-report]
 
 Only the test suite uses it (through the `command` runner kind), never the package.
 """
@@ -41,6 +42,9 @@ def main() -> int:
     p.add_argument("--crash-after-s", type=float, default=None, help="exit 7 after this long")
     p.add_argument("--crash-on-request", action="store_true", help="die mid-request")
     p.add_argument("--request-s", type=float, default=0.0, help="each request takes this long")
+    p.add_argument("--spin", action="store_true", help="busy (CPU) for --request-s, not asleep")
+    p.add_argument("--chunk-s", type=float, default=0.0, help="pause between streamed chunks")
+    p.add_argument("--fail-load-while", default=None, help="fail loading while this file exists")
     p.add_argument("--child", action="store_true", help="start a child that outlives SIGTERM")
     p.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (needs SIGKILL)")
     p.add_argument("--no-report", action="store_true", help="print no buffer-size lines")
@@ -52,7 +56,7 @@ def main() -> int:
     while time.monotonic() < deadline:  # a busy, talkative load: progress for the stall timer
         print("loading ...", flush=True)
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-    if args.fail_load:
+    if args.fail_load or (args.fail_load_while and os.path.exists(args.fail_load_while)):
         print("error: failed to load model: invalid magic number", flush=True)
         return 3
 
@@ -134,7 +138,11 @@ def main() -> int:
             if args.crash_on_request:
                 print("fatal: simulated crash while serving a request", flush=True)
                 os._exit(9)
-            if args.request_s:
+            if args.request_s and args.spin:  # a prefill: the CPU is busy, nothing is sent yet
+                until = time.monotonic() + args.request_s
+                while time.monotonic() < until:
+                    sum(range(10_000))
+            elif args.request_s:
                 time.sleep(args.request_s)
             text = f"reply from {args.name}"
             if self.path == "/v1/chat/completions":
@@ -189,6 +197,7 @@ def main() -> int:
                 }
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
+                time.sleep(args.chunk_s)
             self.wfile.write(b"data: [DONE]\n\n")
             self.close_connection = True
 

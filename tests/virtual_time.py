@@ -78,6 +78,7 @@ class FakeRunner:
         self.base_url = f"http://fake/{spec.name}"
         self.client: Any = None
         self.pid: int | None = None
+        self.stalled: str | None = None
 
     async def start(self) -> None:
         pass
@@ -88,6 +89,9 @@ class FakeRunner:
 
     async def ping(self, timeout_s: float = 10.0) -> bool:
         return not self.exited
+
+    def vanished(self) -> bool:
+        return self.exited
 
     async def stop(self, timeout_s: float = 10.0) -> int | None:
         self.stopping = True

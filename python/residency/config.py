@@ -27,6 +27,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from residency.config_faults import FaultSettings
 from residency.config_file import read_toml
 from residency.config_model import ModelConfig, parse_duration
 from residency.config_operations import OperationsSettings
@@ -53,7 +54,7 @@ def _alias(name: str, *extra: str) -> AliasChoices:
     return AliasChoices(*choices, *extra)
 
 
-class Settings(SecuritySettings, RunnerSettings, OperationsSettings):
+class Settings(SecuritySettings, RunnerSettings, OperationsSettings, FaultSettings):
     """Everything residency is configured with. See ``load_settings`` for where values come from."""
 
     model_config = SettingsConfigDict(

@@ -53,6 +53,9 @@ class ModelTooLargeError(ResidencyError):
 class ServerBusyError(ResidencyError):
     """The pending queue is full (HTTP 503 with Retry-After)."""
 
+    #: The error code clients see.
+    code = "server_busy"
+
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s

@@ -37,6 +37,7 @@ class StateSource(Protocol):
     def resident(self) -> Sequence[Any]: ...
     def models(self) -> Sequence[Any]: ...
     def device_usage(self) -> Sequence[tuple[Any, int | None]]: ...
+    def failing(self) -> Sequence[Any]: ...
 
 
 class ResidencyMetrics:
@@ -122,6 +123,12 @@ class ResidencyMetrics:
             ("model",),
             registry=r,
         )
+        self.circuit_opens = Counter(
+            "residency_model_circuit_opens",
+            "Times a model's circuit opened after consecutive runner failures.",
+            ("model",),
+            registry=r,
+        )
         self.queue_timeouts = Counter(
             "residency_queue_timeouts",
             "Requests that waited in the queue past queue_timeout_s (answered 503).",
@@ -167,6 +174,9 @@ class ResidencyMetrics:
         self.evictions.labels(model, reason).inc()
         for listener in self.listeners:
             listener(reason, model)
+
+    def circuit_opened(self, model: str) -> None:
+        self.circuit_opens.labels(model).inc()
 
     def crashed(self, model: str) -> None:
         self.crashes.labels(model).inc()
@@ -217,8 +227,15 @@ class _StateCollector(Collector):
         refcount = GaugeMetricFamily(
             "residency_model_refcount", "Requests holding each resident model.", labels=("model",)
         )
+        failing = GaugeMetricFamily(
+            "residency_model_consecutive_failures",
+            "Runner failures in a row, by model and state (backoff, open, half_open, closed).",
+            labels=("model", "state"),
+        )
         if source is not None:
             configured.add_metric([], len(source.models()))
+            for f in source.failing():
+                failing.add_metric([f["name"], f["state"]], f["failures"])
             for usage, free in source.device_usage():
                 device["total"].add_metric([usage.id], usage.total_bytes)
                 device["budget"].add_metric([usage.id], usage.budget_bytes)
@@ -239,6 +256,7 @@ class _StateCollector(Collector):
         yield resident
         yield from per_model.values()
         yield refcount
+        yield failing
         yield from _kv_counters()
 
 

@@ -31,7 +31,7 @@ from residency.errors import (
     ServerBusyError,
     UnknownModelError,
 )
-from residency.runners.protocol import RunnerRejected
+from residency.runners.protocol import RunnerRejected, RunnerTimedOut
 
 __all__ = [
     "ApiError",
@@ -128,12 +128,20 @@ def _api_error(exc: BaseException) -> ApiError:
         return ApiError(404, str(exc), code="model_not_found")
     if isinstance(exc, ServerBusyError):
         retry = max(1, math.ceil(exc.retry_after_s))
-        return ApiError(503, str(exc), code="server_busy", headers={"Retry-After": str(retry)})
+        return ApiError(503, str(exc), code=exc.code, headers={"Retry-After": str(retry)})
     if isinstance(exc, InvalidArgumentError):
         return ApiError(400, str(exc), code="invalid_argument")
     if isinstance(exc, RunnerRejected):
         # The runner refused the request itself (context exceeded, bad field): the client's.
         return ApiError(400, _short(exc.message), code="invalid_request")
+    if isinstance(exc, RunnerTimedOut):
+        rid = _logged(exc, "runner timed out")
+        return ApiError(
+            504,
+            f"{_short(exc.summary)} (request {rid}; the runner is being replaced)",
+            code="runner_timeout",
+            headers={REQUEST_ID_HEADER: rid},
+        )
     if isinstance(exc, RunnerError):
         rid = _logged(exc, "runner error")
         return ApiError(

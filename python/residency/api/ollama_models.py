@@ -90,7 +90,9 @@ async def ps(request: Request, state: State) -> Response:
             }
         )
     # residency's addition: KV slots saved before runners stopped and restored after, by model.
-    return json_response({"models": models, "kv_cache": kv_stats_json()})
+    # And models whose runner failed lately: backoff or circuit state, failures, last error.
+    failing = [dict(f, name=tagged(f["name"])) for f in state.scheduler.failing()]
+    return json_response({"models": models, "kv_cache": kv_stats_json(), "failing": failing})
 
 
 @router.get("/api/tags")

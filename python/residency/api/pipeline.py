@@ -31,7 +31,7 @@ from residency.api.metrics import RequestRecord
 from residency.api.proxy import LeasedStream, json_response, now_ns, until_disconnected
 from residency.api.security import SCOPE_KEY, ApiKey
 from residency.api.state import ApiState, DirectEndpoint, api_state, direct
-from residency.runners.protocol import Body, Embeddings, Event, EventStream
+from residency.runners.protocol import Body, Embeddings, Event, EventStream, RunnerUnreachable
 
 __all__ = ["Call", "Upstream", "endpoint", "shaped_embeddings"]
 
@@ -137,11 +137,14 @@ class Call:
             async with self.lease() as lease:
                 return await lease.api.complete(path, body(lease))
 
-        return await self.until_disconnected(work())
+        return await self.until_disconnected(_once_more_if_unreachable(work))
 
     async def open_stream(self, path: str, body: Callable[[LeaseLike], Body]) -> Upstream:
         """A lease and the runner's stream, opened up to its first event. The caller closes it
         (a :meth:`respond_stream` does); not wrapped in :meth:`until_disconnected`."""
+        return await _once_more_if_unreachable(lambda: self._open_stream(path, body))
+
+    async def _open_stream(self, path: str, body: Callable[[LeaseLike], Body]) -> Upstream:
         stack = AsyncExitStack()
         try:
             lease = await stack.enter_async_context(self.lease())
@@ -152,8 +155,9 @@ class Call:
             if events.first_at is not None:
                 self.rec.first_event(events.first_at)
             return Upstream(stack, lease, events, t_sent)
-        except BaseException:
-            await stack.aclose()
+        except BaseException as err:
+            # The lease sees the error (a runner that dropped the request unanswered is failed).
+            await stack.__aexit__(type(err), err, err.__traceback__)
             raise
 
     async def load(self) -> int:
@@ -172,7 +176,7 @@ class Call:
             async with self.lease() as lease:
                 return await lease.api.embed(body(lease)), lease.load_duration_ns
 
-        return await self.until_disconnected(work())
+        return await self.until_disconnected(_once_more_if_unreachable(work))
 
     def respond(self, data: Any) -> Response:
         """A JSON answer; the record finishes once it is sent."""
@@ -210,6 +214,15 @@ class Call:
                 rec.end_stream(error)
 
         return LeasedStream(guarded(), cleanup=cleanup, media_type=media_type, headers=headers)
+
+
+async def _once_more_if_unreachable(work: Callable[[], Awaitable[T]]) -> T:
+    """`work`, and once more if its runner's port refused it: the runner died before it saw the
+    request (the scheduler has failed it), so a fresh one serves it instead of a 502."""
+    try:
+        return await work()
+    except RunnerUnreachable:
+        return await work()
 
 
 def _wants_ctx(limits: Mapping[str, Any]) -> bool:

@@ -9,6 +9,7 @@ import ctypes
 import fcntl
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 __all__ = [
     "CAN_DIE_WITH_PARENT",
     "LOOPBACK",
+    "ExitWatch",
     "OutputPipe",
     "die_with_parent",
     "free_port",
@@ -145,3 +147,31 @@ def group_has_live_members(pgid: int) -> bool:
             if len(stat) > 2 and int(stat[2]) == pgid and stat[0] != "Z":
                 return True
     return False
+
+
+class ExitWatch:
+    """Whether a child has exited, reaped or not, asked before every request it serves: a pidfd
+    polled without waiting (1 µs), else a read of its /proc stat (50 µs on a busy core)."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._poll: select.poll | None = None
+        self._fd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # Linux 5.3+
+            self._fd = os.pidfd_open(pid)
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLIN)
+
+    def exited(self) -> bool:
+        if self._poll is not None:
+            return bool(self._poll.poll(0))
+        try:
+            stat = Path(f"/proc/{self._pid}/stat").read_bytes()
+        except OSError:
+            return True
+        return stat.rsplit(b")", 1)[1].split(None, 1)[0] in (b"Z", b"X")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._poll = None

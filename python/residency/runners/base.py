@@ -27,6 +27,7 @@ from residency.memory import runner_gpu_environment
 from residency.runners._process import (
     CAN_DIE_WITH_PARENT,
     LOOPBACK,
+    ExitWatch,
     OutputPipe,
     die_with_parent,
     free_port,
@@ -34,6 +35,7 @@ from residency.runners._process import (
 )
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
+from residency.runners.upstream import UpstreamTimeouts, UpstreamWatch, tree_progress
 
 __all__ = ["LOOPBACK", "LaunchSpec", "Runner", "free_port"]
 
@@ -69,6 +71,8 @@ class LaunchSpec:
     flash_attention: bool | None = None
     #: The registry's details of the model file (family, has_chat_template).
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: When a request whose runner stopped answering fails (runners.upstream).
+    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
 
     @property
     def on_gpu(self) -> bool:
@@ -102,6 +106,12 @@ class Runner(ABC):
         self.client = RunnerClient(LOOPBACK, self.port)
         #: The runner's protocol, for the requests it serves (the client above is for health).
         self.api = RunnerApi(self.client, name=spec.name, output_tail=self.output_tail)
+        self.upstream = UpstreamWatch(
+            spec.timeouts, lambda: tree_progress(self.pid), spec.name, self._stopped_answering
+        )
+        #: Why it stopped answering a request (then `on_exit` is called as for an exit).
+        self.stalled: str | None = None
+        self.client.on_busy = self.upstream.busy
         self._on_exit = on_exit
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._buffers: dict[str, int] = {}
@@ -109,6 +119,7 @@ class Runner(ABC):
         self._pgid: int | None = None
         self._output: OutputPipe | None = None
         self._waiter: asyncio.Task[None] | None = None
+        self._exit_watch: ExitWatch | None = None
         self._exited = asyncio.Event()
         self._stopping = False
         self._last_output_s = 0.0
@@ -163,6 +174,13 @@ class Runner(ABC):
     def exited(self) -> bool:
         return self._exited.is_set()
 
+    def vanished(self) -> bool:
+        """Whether the process has exited, even before the event loop reaped it: a request about
+        to be sent checks this, so one sent right after a crash goes to a fresh runner."""
+        if self.exited:
+            return True
+        return self._exit_watch is not None and self._exit_watch.exited()
+
     @property
     def stopping(self) -> bool:
         """True once stop() was called: an exit after this is not a crash."""
@@ -199,6 +217,7 @@ class Runner(ABC):
         finally:
             os.close(write_fd)
         self._pgid = self._proc.pid  # session leader: pgid == pid
+        self._exit_watch = ExitWatch(self._proc.pid)
         self._output = OutputPipe(read_fd, self._take_lines)
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"runner-wait-{self.pid}")
 
@@ -210,7 +229,7 @@ class Runner(ABC):
         """
         if self._proc is None:
             raise RuntimeError("runner not started")
-        progress = self._progress_marker()
+        progress = tree_progress(self.pid)
         last_progress = time.monotonic()
         while True:
             if self.exited:
@@ -223,7 +242,7 @@ class Runner(ABC):
             except TransportError:
                 pass  # not listening yet
             now = time.monotonic()
-            marker = self._progress_marker()
+            marker = tree_progress(self.pid)
             if marker != progress or self._last_output_s > last_progress:
                 progress, last_progress = marker, now
             elif now - last_progress > stall_timeout_s:
@@ -271,6 +290,7 @@ class Runner(ABC):
             self._signal_group(signal.SIGKILL)  # cancelled mid-stop: leave nothing running
             raise
         finally:
+            self.upstream.close()
             await asyncio.shield(self.client.aclose())
         return self.returncode
 
@@ -319,6 +339,12 @@ class Runner(ABC):
         return self._exit_text()
 
     # ---- internals ----------------------------------------------------------------------------
+    def _stopped_answering(self, why: str) -> None:
+        if self.stalled is None and not self.exited and not self._stopping:
+            self.stalled = f"stopped answering: {why}"
+            if self._on_exit is not None:
+                self._on_exit(self)  # replaced like a runner that exited
+
     def _exit_text(self) -> str:
         rc = self.returncode
         if rc is None:
@@ -343,6 +369,8 @@ class Runner(ABC):
     async def _wait_exit(self) -> None:
         assert self._proc is not None
         rc = await self._proc.wait()
+        if self._exit_watch is not None:
+            self._exit_watch.close()
         # Its last words are in the pipe already: take them before anyone asks why it exited.
         if self._output is not None:
             self._output.close()
@@ -358,23 +386,6 @@ class Runner(ABC):
                 self._on_exit(self)
             except Exception:
                 log.exception("runner exit callback failed")
-
-    def _progress_marker(self) -> tuple[int, ...]:
-        """CPU ticks and I/O bytes of the leader: a busy load changes them."""
-        pid = self.pid
-        if pid is None:
-            return ()
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks = int(stat[11]) + int(stat[12])  # utime + stime
-        except (OSError, IndexError, ValueError):
-            return ()
-        try:
-            io = Path(f"/proc/{pid}/io").read_text().split()
-            rchar = int(io[1])
-        except (OSError, IndexError, ValueError):
-            rchar = 0
-        return (ticks, rchar)
 
     def _group_alive(self) -> bool:
         if self._pgid is None:

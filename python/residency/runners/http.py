@@ -17,13 +17,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
 import httptools
 
-__all__ = ["Response", "RunnerClient", "StreamResponse", "TransportError"]
+__all__ = [
+    "Response",
+    "RunnerClient",
+    "StreamResponse",
+    "TransportError",
+    "Unanswered",
+    "UpstreamTimeout",
+]
 
 #: Bytes a stream may buffer before the runner's socket stops being read (backpressure).
 _HIGH_WATER = 1 << 20
@@ -32,6 +40,15 @@ _HIGH_WATER = 1 << 20
 class TransportError(Exception):
     """The runner could not be reached, or the connection failed before the answer was complete
     (refused, reset, closed early, timed out, or an answer that is not HTTP)."""
+
+
+class UpstreamTimeout(TransportError):
+    """The runner sent nothing for a request for too long (see runners.upstream): never resent."""
+
+
+class Unanswered(TransportError):
+    """The runner refused or dropped a new connection without a byte of answer (it is dead or
+    dying, as a rule: the caller may ask a fresh runner)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         #: Taken from the idle pool: a failure before any answer may be a stale keep-alive.
         self.reused = False
+        #: When the request in flight was sent and its last byte came (runners.upstream reads).
+        self.sent_at = 0.0
+        self.last_data_at = 0.0
         self._loop = asyncio.get_running_loop()
         # One parser for the connection's life: llhttp reads kept-alive answers back to back.
         self._parser = httptools.HttpResponseParser(self)
@@ -76,6 +96,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        self.last_data_at = time.monotonic()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as err:
@@ -89,7 +110,8 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()  # a body delimited by the connection's end
             return
         what = f"{type(exc).__name__}: {exc}" if exc else "the runner closed the connection"
-        self.fail(TransportError(f"connection lost before the answer was complete ({what})"))
+        error = TransportError if self.received_any else Unanswered
+        self.fail(error(f"connection lost before the answer was complete ({what})"))
 
     # ---- httptools callbacks ----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -118,6 +140,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         assert self.transport is not None
         self._reset()
+        self.sent_at = time.monotonic()
         self.transport.write(data)
 
     def fail(self, error: TransportError) -> None:
@@ -130,6 +153,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    @property
+    def paused(self) -> bool:  # reading waits for a lagging consumer: the runner is not silent
+        return self._paused
 
     @property
     def reusable(self) -> bool:
@@ -238,6 +265,8 @@ class RunnerClient:
         self._busy: set[_Connection] = set()
         self._closed = False
         self._host_header = f"host: {host}:{port}\r\n".encode()
+        #: Called with the busy connections whenever one is taken (runners.upstream's watch).
+        self.on_busy: Callable[[set[_Connection]], None] | None = None
 
     async def request(
         self,
@@ -313,7 +342,8 @@ class RunnerClient:
                 return conn
             except TransportError:
                 self._release(conn)
-                if conn.reused and not conn.received_any:
+                stale = conn.reused and not conn.received_any
+                if stale and not isinstance(conn.error, UpstreamTimeout):
                     continue
                 raise
             except BaseException:
@@ -341,6 +371,8 @@ class RunnerClient:
             if not conn.closed:
                 conn.reused = True
                 self._busy.add(conn)
+                if self.on_busy is not None:
+                    self.on_busy(self._busy)
                 return conn
         loop = asyncio.get_running_loop()
         try:
@@ -356,8 +388,11 @@ class RunnerClient:
             reason = (
                 os.strerror(err.errno).lower() if err.errno else str(err)
             )  # "connection refused"
-            raise TransportError(f"cannot connect to {self.base_url}: {reason}") from None
+            error = Unanswered if isinstance(err, ConnectionRefusedError) else TransportError
+            raise error(f"cannot connect to {self.base_url}: {reason}") from None
         self._busy.add(conn)
+        if self.on_busy is not None:
+            self.on_busy(self._busy)
         return conn
 
     def _release(self, conn: _Connection) -> None:

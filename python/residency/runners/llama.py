@@ -247,6 +247,7 @@ class LlamaServerRunner(Runner):
 
     async def stop(self, timeout_s: float = 10.0) -> int | None:
         """Saves the slots (bounded by the KV settings' save_timeout_s), then stops."""
-        if self.kv is not None and not self.stopping and not self.exited and self.ready_at_s:
+        alive = not self.stopping and not self.exited and self.stalled is None
+        if self.kv is not None and alive and self.ready_at_s:
             await self.kv.save_all()
         return await super().stop(timeout_s)

@@ -8,7 +8,7 @@ decided from the runner's HTTP answer alone (never from its log output):
   a bad field). The client's mistake: HTTP 400 with the runner's own message.
 - :class:`RunnerFailed` — the runner broke (a 5xx, a connection lost, a stream cut short, an
   answer that is not JSON). HTTP 502; the message carries the runner's last output lines for the
-  person reading it.
+  person reading it. :class:`RunnerTimedOut` — it stopped answering (runners.upstream): HTTP 504.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from typing import Any
 from pydantic_core import from_json, to_json
 
 from residency.errors import ResidencyError, RunnerError
-from residency.runners.http import RunnerClient, StreamResponse, TransportError
+from residency.runners.http import (
+    RunnerClient,
+    StreamResponse,
+    TransportError,
+    Unanswered,
+    UpstreamTimeout,
+)
 
 __all__ = [
     "Body",
@@ -31,6 +37,8 @@ __all__ = [
     "RunnerApi",
     "RunnerFailed",
     "RunnerRejected",
+    "RunnerTimedOut",
+    "RunnerUnreachable",
     "runner_message",
 ]
 
@@ -59,6 +67,15 @@ class RunnerRejected(ResidencyError):
 
 class RunnerFailed(RunnerError):
     """The runner failed to answer: it crashed, broke off, or answered 5xx (HTTP 502)."""
+
+
+class RunnerTimedOut(RunnerFailed):
+    """The runner stopped answering the request (HTTP 504); the scheduler replaces it."""
+
+
+class RunnerUnreachable(RunnerFailed):
+    """The runner refused or dropped the request without a byte of answer: when it turns out
+    dead, the request goes to a fresh runner instead."""
 
 
 def runner_message(status: int, content: bytes) -> str:
@@ -132,7 +149,7 @@ class RunnerApi:
         try:
             resp = await self._client.post(path, _encoded(body), headers=_JSON_HEADERS)
         except TransportError as err:
-            raise self.failed(f"failed during the request ({err})") from err
+            raise self.broke(err) from err
         if resp.status >= 400:
             raise self._refusal(resp.status, resp.content)
         return resp.content
@@ -150,7 +167,7 @@ class RunnerApi:
                 "POST", path, body=_encoded(body), headers=_SSE_HEADERS
             )
         except TransportError as err:
-            raise self.failed(f"failed during the request ({err})") from err
+            raise self.broke(err) from err
         if resp.status >= 400:
             try:
                 content = await resp.aread()
@@ -182,6 +199,14 @@ class RunnerApi:
     # ---- errors -----------------------------------------------------------------------------
     def failed(self, what: str) -> RunnerFailed:
         return RunnerFailed(f"runner for model {self._name!r} {what}", self._output_tail())
+
+    def broke(self, err: TransportError) -> RunnerFailed:
+        """The error for a request whose connection failed (`err`): timed out, or lost."""
+        if isinstance(err, UpstreamTimeout):
+            return RunnerTimedOut(f"runner for model {self._name!r} {err}", self._output_tail())
+        if isinstance(err, Unanswered):
+            return RunnerUnreachable(f"runner for model {self._name!r} did not answer ({err})")
+        return self.failed(f"failed during the request ({err})")
 
     def _refusal(self, status: int, content: bytes) -> Exception:
         message = runner_message(status, content)
@@ -270,8 +295,8 @@ class EventStream:
                     seen = True
                     yield event, time.perf_counter_ns()
         except TransportError as err:
-            if seen:
-                raise api.failed(f"failed during the request ({err})") from err
+            if seen or isinstance(err, UpstreamTimeout):  # never ask a hung runner again
+                raise api.broke(err) from err
             raise await api.cut_short(self._path, self._body) from err
         if seen:
             raise api.failed("ended its stream without finishing")

@@ -34,6 +34,8 @@ from residency.keepalive import parse_keep_alive
 from residency.memory import DeviceInfo, MemoryProbe
 from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry, Registry
+from residency.runners.protocol import RunnerUnreachable
+from residency.scheduler.circuit import Circuit
 from residency.scheduler.clock import Clock, MonotonicClock
 from residency.scheduler.devices import discover, engine_devices
 from residency.scheduler.executor import (
@@ -48,6 +50,7 @@ from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
 from residency.scheduler.reload import ModelChanges, model_changes
 from residency.scheduler.requests import PendingRequest, copy_error, shape_of
 from residency.scheduler.rows import device_usage, resident_rows
+from residency.scheduler.runner_checks import check_before_use, exits_soon, still_serving
 from residency.scheduler.sizing import Sizing, gib
 from residency.scheduler.sizing_steps import SizingSteps
 from residency.scheduler.timer import KeepAliveTimer
@@ -57,9 +60,6 @@ from residency.watcher import Watcher
 __all__ = ["Scheduler"]
 
 log = logging.getLogger("residency.scheduler")
-
-#: A runner idle longer than this is pinged before it is handed out (it may have hung meanwhile).
-PING_AFTER_IDLE_NS = 1_000_000_000
 
 
 class Scheduler(SizingSteps):
@@ -87,6 +87,8 @@ class Scheduler(SizingSteps):
         self._device_infos = devices
         self._journal = journal  # keep the engine's journal (the differential test compares it)
         self._sizing = Sizing(settings)
+        #: Crash-loop backoff and circuit per model (see scheduler.circuit).
+        self.circuit = Circuit(settings, on_open=self.metrics.circuit_opened)
         self._engine: Engine | None = None
         self._executor: Executor | None = None
         self._watcher: Watcher | None = None
@@ -247,6 +249,10 @@ class Scheduler(SizingSteps):
     def device_usage(self) -> list[tuple[DeviceUsage, int | None]]:
         return [] if self._executor is None else device_usage(self.core, self._executor)
 
+    def failing(self) -> list[dict[str, Any]]:
+        """Models whose runner failed lately: backoff and circuit state (/api/ps, metrics)."""
+        return self.circuit.rows(self._clock.now_ns())
+
     def resident(self) -> list[ResidentModel]:
         if self._engine is None or self._executor is None:
             return []
@@ -260,6 +266,13 @@ class Scheduler(SizingSteps):
         lease, request_id, ka = await self._acquire(model, keep_alive, options)
         try:
             yield lease
+        except RunnerUnreachable:  # dropped unanswered: if it is dying, fail it before the retry
+            if await exits_soon(lease.runner):
+                still_serving(self._executor, lease, "exited (dropped a request unanswered)")
+            raise
+        else:
+            if self.circuit.failing and still_serving(self._executor, lease):
+                self.circuit.succeeded(lease.entry.name)  # served to the end: the streak is over
         finally:
             # Synchronous: a cancelled client cannot interrupt its own release.
             self._run(self.engine.done(request_id, self._clock.now_ns(), ka))
@@ -276,6 +289,9 @@ class Scheduler(SizingSteps):
         ka_ns = self._sizing.keep_alive(entry) if asked is None else asked
         t0 = self._clock.now_ns()
         for _attempt in range(3):
+            if self.circuit.failing:  # backing off after failures (raises if its circuit is open)
+                wait = self.circuit.wait_ns(entry.name, self._clock.now_ns())
+                await self._clock.sleep_until(self._clock.now_ns() + wait)
             req = self._arrive(entry, want, ka_ns, t0)
             try:
                 inst, grant = await req.granted
@@ -287,14 +303,14 @@ class Scheduler(SizingSteps):
             granted_ns = self._clock.now_ns()
             try:
                 await inst.ready.wait()
-                if inst.failure is None and grant.idle_for >= PING_AFTER_IDLE_NS:
-                    await self._ping(inst)
+                if inst.failure is None and not grant.joined_load:
+                    await check_before_use(self._executor, inst, grant.idle_for)
             except asyncio.CancelledError:
                 self._run(self.engine.cancel(req.id, self._clock.now_ns()))
                 raise
             if inst.failure is not None:
-                if grant.idle_for >= PING_AFTER_IDLE_NS and not grant.joined_load:
-                    continue  # the idle runner was dead or hung: load it again
+                if not grant.joined_load:
+                    continue  # a ready runner died before this request used it: load it again
                 raise copy_error(inst.failure)
             assert inst.runner is not None
             now = self._clock.now_ns()
@@ -323,16 +339,6 @@ class Scheduler(SizingSteps):
         now = self._clock.now_ns()
         self._run(self.engine.arrive(req.id, entry.name, shape_of(want), req.bytes, ka_ns, now))
         return req
-
-    async def _ping(self, inst: Instance) -> None:
-        """Pings a runner that sat idle before handing it out; a dead one is failed (the engine
-        voids this request's grant and reloads on the retry)."""
-        assert inst.runner is not None
-        assert self._executor is not None
-        ok = not inst.runner.exited and await inst.runner.ping(self.settings.ping_timeout_s)
-        if not ok and inst.failure is None:
-            what = "exited" if inst.runner.exited else "stopped answering its health check"
-            self._executor.runner_died(inst, what)
 
     # ---- carrying out the engine's actions -----------------------------------------------------
     def _run(self, actions: list[Action]) -> None:
@@ -394,6 +400,8 @@ class Scheduler(SizingSteps):
 
     def runner_failed(self, inst: Instance, reason: str) -> None:
         if not self._closed:
+            if isinstance(inst.failure, RunnerError):  # not a cancelled or too large load
+                self.circuit.failed(inst.key, inst.failure.summary, self._clock.now_ns())
             self._run(self.engine.failed(inst.key, reason, self._clock.now_ns()))
 
     async def _preload(self, name: str) -> None:

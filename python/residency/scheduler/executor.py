@@ -166,8 +166,9 @@ class Executor:
         # A runner that already exited holds no memory: the engine hears at once, and the task
         # only reaps what is left of its group and closes its client.
         exited = inst.runner is not None and inst.runner.exited
+        kill = evicted or cause == StopCause.FAILED  # a hung runner ignores SIGTERM anyway
         task = self._tasks.spawn(
-            self._stop(inst, why, evicted, report=not exited), f"stop-{key}", stopper=True
+            self._stop(inst, why, kill, report=not exited), f"stop-{key}", stopper=True
         )
         if exited:
             self._events.runner_gone(key)
@@ -287,7 +288,9 @@ class Executor:
             return
         if not inst.ready.is_set():
             return  # wait_ready sees the exit and the load task handles it
-        self.runner_died(inst, f"exited unexpectedly ({runner.exit_description()})")
+        self.runner_died(
+            inst, runner.stalled or f"exited unexpectedly ({runner.exit_description()})"
+        )
 
     def runner_died(self, inst: Instance, what: str) -> None:
         """A ready runner exited or hung: fail it; the engine frees it and asks for its stop."""
@@ -391,6 +394,7 @@ class Executor:
             device_index=inst.device_index,
             env=dict(cfg.env),
             health_path=cfg.health_path if cfg.runner == "command" else None,
+            timeouts=self.settings.upstream_timeouts(),
             args=tuple(cfg.args),
             embedding=cfg.embedding,
             chat_format=cfg.chat_format,

@@ -50,6 +50,7 @@ def copy_error(err: ResidencyError) -> ResidencyError:
         copy = RunnerError.__new__(RunnerError)
         ResidencyError.__init__(copy, *err.args)
         copy.output_tail = err.output_tail
+        copy.summary = err.summary
         return copy
     try:
         return type(err)(*err.args)
