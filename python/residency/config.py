@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from residency.config_file import read_toml
+from residency.config_keepalive import KeepAliveLimits
 from residency.config_model import ModelConfig, parse_duration
 from residency.config_runners import RunnerKind, RunnerSettings
 from residency.config_security import ApiKeyConfig, SecuritySettings
@@ -52,7 +53,7 @@ def _alias(name: str, *extra: str) -> AliasChoices:
     return AliasChoices(*choices, *extra)
 
 
-class Settings(SecuritySettings, RunnerSettings):
+class Settings(SecuritySettings, RunnerSettings, KeepAliveLimits):
     """Everything residency is configured with. See ``load_settings`` for where values come from."""
 
     model_config = SettingsConfigDict(

@@ -246,6 +246,7 @@ def _final(
     out["done"] = True
     out["done_reason"] = gen.done_reason
     out.update(gen.stats(t_start=rec.t_start, load_duration_ns=lease.load_duration_ns))
+    lease.decoded(out["eval_count"], out["eval_duration"])  # the slowdown detector's sample
     return out
 
 

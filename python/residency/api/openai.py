@@ -39,7 +39,7 @@ from residency.api.schemas import (
 )
 from residency.api.security import key_allows
 from residency.api.state import State, body_schema
-from residency.api.translate import with_store_defaults
+from residency.api.translate import Generation, with_store_defaults
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -218,7 +218,9 @@ async def _serve(call: Call, req: _OpenAIBase, path: str, bodies: list[dict[str,
     async def events() -> AsyncIterator[bytes]:
         usage: dict[str, Any] | None = None
         pieces, last = 0, {}
-        async for event, _ in upstream:
+        gen = Generation(upstream.t_sent)  # its decode speed, for the slowdown detector
+        async for event, at in upstream:
+            gen.feed(event, at)
             event["model"] = asked
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"]
@@ -234,6 +236,8 @@ async def _serve(call: Call, req: _OpenAIBase, path: str, bodies: list[dict[str,
             tail = {k: last[k] for k in ("id", "object", "created") if k in last}
             yield b"data: " + to_json({**tail, "model": asked, "choices": [], "usage": usage})
             yield b"\n\n"
+        stats = gen.stats(t_start=upstream.t_sent, load_duration_ns=0)
+        upstream.lease.decoded(stats["eval_count"], stats["eval_duration"])
         yield _DONE
 
     # OpenAI's clients raise on a data event that carries "error".

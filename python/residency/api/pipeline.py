@@ -29,7 +29,7 @@ from residency.api.limits import (
 )
 from residency.api.metrics import RequestRecord
 from residency.api.proxy import LeasedStream, json_response, now_ns, until_disconnected
-from residency.api.security import SCOPE_KEY, ApiKey
+from residency.api.security import SCOPE_KEY, ApiKey, keep_alive_client
 from residency.api.state import ApiState, DirectEndpoint, api_state, direct
 from residency.runners.protocol import Body, Embeddings, Event, EventStream
 
@@ -120,8 +120,9 @@ class Call:
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[LeaseLike]:
         """The admitted model, held (and recorded) for the block."""
+        client = keep_alive_client(self.request.scope)  # whose keep_alive, under which rule
         async with self.state.scheduler.session(
-            self.model, keep_alive=self.keep_alive, options=self.options
+            self.model, keep_alive=self.keep_alive, options=self.options, client=client
         ) as lease:
             self.rec.took(lease)
             yield lease

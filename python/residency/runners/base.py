@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from residency.errors import RunnerError
-from residency.llamacpp import parse_buffer_line
+from residency.llamacpp import is_gpu_buffer, parse_buffer_line, parse_offload_line
 from residency.memory import runner_gpu_environment
 from residency.runners._process import (
     CAN_DIE_WITH_PARENT,
@@ -105,6 +105,7 @@ class Runner(ABC):
         self._on_exit = on_exit
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._buffers: dict[str, int] = {}
+        self._offloaded: tuple[int, int] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pgid: int | None = None
         self._output: OutputPipe | None = None
@@ -299,15 +300,12 @@ class Runner(ABC):
         if not buffers:
             return None
         gpu = self.spec.on_gpu
-
-        def on_device(name: str) -> bool:
-            is_gpu = name.startswith(("CUDA", "ROCm", "Metal", "Vulkan", "SYCL")) and not (
-                name.endswith("_Host")
-            )
-            return is_gpu if gpu else not is_gpu
-
-        total = sum(b for name, b in buffers.items() if on_device(name.split("/")[0]))
+        total = sum(b for k, b in buffers.items() if is_gpu_buffer(k.split("/")[0]) == gpu)
         return total or None
+
+    def offloaded_layers(self) -> tuple[int, int] | None:
+        """(layers on the GPU, layers) as llama.cpp reported them; None if it did not."""
+        return self._offloaded
 
     def error(self, what: str) -> RunnerError:
         """A RunnerError naming this runner, with its last output lines."""
@@ -339,6 +337,8 @@ class Runner(ABC):
             if buffer is not None:
                 key = f"{buffer.device}/{buffer.kind}"
                 self._buffers[key] = self._buffers.get(key, 0) + int(buffer.size_bytes)
+            elif "layers to GPU" in line:
+                self._offloaded = parse_offload_line(line) or self._offloaded
 
     async def _wait_exit(self) -> None:
         assert self._proc is not None

@@ -12,9 +12,9 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from residency._core import StopCause
 from residency.config import Settings
@@ -24,9 +24,11 @@ from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry
 from residency.runners import LaunchSpec, Runner, runner_class
 from residency.scheduler.clock import Clock
+from residency.scheduler.fallback import Placement, placement_of
 from residency.scheduler.host_cache import HostCache
 from residency.scheduler.lease import LoadOptions
 from residency.scheduler.sizing import gib
+from residency.scheduler.tasks import Tasks
 from residency.watcher import RecoveryOutcome, Watcher
 
 __all__ = ["HOST_DEVICE", "Executor", "Instance", "RunnerFactory", "Tasks", "default_runner"]
@@ -73,29 +75,8 @@ class Instance:
     #: Set when loading ended, well or not (`failure` says which).
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     failure: ResidencyError | None = None
-
-
-class Tasks:
-    """Tasks the scheduler keeps a reference to. Stoppers (runner stops) are awaited at shutdown,
-    never cancelled: a half-stopped runner would outlive the scheduler."""
-
-    def __init__(self) -> None:
-        self.work: set[asyncio.Task[Any]] = set()
-        self.stoppers: set[asyncio.Task[Any]] = set()
-
-    def spawn(
-        self, coro: Coroutine[Any, Any, Any], name: str, *, stopper: bool = False
-    ) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=f"residency-{name}")
-        (self.stoppers if stopper else self.work).add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self.work.discard(task)
-        self.stoppers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+    #: Where the runner really put the model (a GPU device's runner that reported it).
+    placement: Placement | None = None
 
 
 class Executor:
@@ -231,6 +212,7 @@ class Executor:
                 gib(measured) if measured else "none",
                 gib(needed),
             )
+            self._check_placement(inst, runner, needed)
             inst.ready.set()
             if host is not None:
                 host.loaded(inst.key, self._clock.now_ns())
@@ -365,6 +347,23 @@ class Executor:
         if free_now is None or free_now >= free_at_spawn:
             return None
         return free_at_spawn - free_now
+
+    def _check_placement(self, inst: Instance, runner: Runner, reserved: int) -> None:
+        """Notes where a GPU runner put the model; warns when less went to the GPU than planned
+        (a silent CPU fallback: the runner works, at a fraction of the speed)."""
+        if inst.device == HOST_DEVICE:
+            return
+        p = placement_of(
+            runner.buffer_report(),
+            runner.offloaded_layers(),
+            planned_layers=inst.gpu_layers,
+            reserved_bytes=reserved,
+        )
+        inst.placement = p
+        if p is None or p.fallback == "none":
+            return
+        log.warning("%s %s", inst.key, p.describe(inst.device, inst.gpu_layers))
+        self._metrics.cpu_fallback(inst.key, "placement")
 
     def _other_load_in_flight(self, inst: Instance) -> bool:
         return any(
