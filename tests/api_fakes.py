@@ -399,7 +399,7 @@ class FakeScheduler:
         self.refcount += 1
         assert self.client is not None, "start() the scheduler first"
         try:
-            yield FakeLease(
+            lease = FakeLease(
                 model=model,
                 entry=entry,
                 client=self.client,
@@ -408,6 +408,8 @@ class FakeScheduler:
                 queue_duration_ns=1000,
                 runner=self.runner,
             )
+            record["lease"] = lease
+            yield lease
         finally:
             self.refcount -= 1
             record["released"] = True
