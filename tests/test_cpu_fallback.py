@@ -35,7 +35,8 @@ def test_a_drop_against_the_models_own_history_is_flagged_once() -> None:
     changes = [d.observe("m", 100, 10.0) for _ in range(4)]
     assert changes == [None, True, None, None]
     state = d.state("m")
-    assert state.slow and state.recent_tps == pytest.approx(10.0)
+    assert state.slow
+    assert state.recent_tps == pytest.approx(10.0)
     assert state.baseline_tps == pytest.approx(100 / 1.02, rel=0.05)  # the slow ones stay out
     # Back on the GPU: cleared once the recent median recovers.
     changes = [d.observe("m", 100, 1.0) for _ in range(3)]
@@ -49,7 +50,8 @@ def test_noise_short_answers_and_other_models_do_not_count() -> None:
         assert d.observe("m", 64, 1.0 if i % 2 else 1.4) is None
     assert d.observe("m", 3, 100.0) is None  # 3 tokens say nothing about speed
     assert d.observe("other", 64, 50.0) is None  # a slow model of its own is not slowed down
-    assert not d.state("m").slow and not d.state("other").slow
+    assert not d.state("m").slow
+    assert not d.state("other").slow
     assert d.state("other").baseline_tps is None  # no history yet: no verdict
     with pytest.raises(ValueError, match="bound"):
         DecodeSpeed(bound=1.5)
@@ -63,15 +65,19 @@ def test_placement_from_llama_cpps_lines() -> None:
         planned_layers=-1,
         reserved_bytes=1000,
     )
-    assert full is not None and full.fallback == "none" and not full.split
-    part = placement_of({"CUDA0/model": 400, "CPU/model": 600}, (10, 25), planned_layers=-1,
-                        reserved_bytes=1000)  # fmt: skip
-    assert part is not None and (part.fallback, part.split) == ("partial", True)
+    assert full is not None
+    assert (full.fallback, full.split) == ("none", False)
+    buffers = {"CUDA0/model": 400, "CPU/model": 600}
+    part = placement_of(buffers, (10, 25), planned_layers=-1, reserved_bytes=1000)
+    assert part is not None
+    assert (part.fallback, part.split) == ("partial", True)
     planned = placement_of({"CUDA0/model": 400}, (10, 25), planned_layers=10, reserved_bytes=400)
-    assert planned is not None and (planned.fallback, planned.split) == ("none", True)
-    cpu_only = placement_of({"CPU/model": 900, "CPU/KV": 50}, None, planned_layers=-1,
-                            reserved_bytes=1000)  # fmt: skip
-    assert cpu_only is not None and cpu_only.fallback == "cpu" and cpu_only.gpu_bytes == 0
+    assert planned is not None
+    assert (planned.fallback, planned.split) == ("none", True)  # asked for: shown, not flagged
+    buffers = {"CPU/model": 900, "CPU/KV": 50}
+    cpu_only = placement_of(buffers, None, planned_layers=-1, reserved_bytes=1000)
+    assert cpu_only is not None
+    assert (cpu_only.fallback, cpu_only.gpu_bytes) == ("cpu", 0)
     assert placement_of({}, None, planned_layers=-1, reserved_bytes=1) is None
 
 
@@ -92,10 +98,10 @@ async def test_a_partial_offload_is_flagged_in_ps_api_ps_metrics_and_the_log(
 ) -> None:
     sim = tmp_path / "gpu.sim"
     SimulatedDevice.create(sim, 2048 * MIB)
+    partial = ("--offloaded", "10/25", "--host-bytes", str(600 * MIB))
     models = [
-        # Asked for every layer; the runner put 10 of 25 on the GPU (400 MiB) and 600 MiB on the CPU.
-        fake_model("partial", tmp_path, 400 * MIB, "--offloaded", "10/25",
-                   "--host-bytes", str(600 * MIB), sim=sim),  # fmt: skip
+        # Asked for all layers; the runner put 10 of 25 on the GPU (400 MiB), 600 MiB on the CPU.
+        fake_model("partial", tmp_path, 400 * MIB, *partial, sim=sim),
         fake_model("whole", tmp_path, 300 * MIB, "--offloaded", "25/25", sim=sim),
     ]
     settings: Any = load_settings(models=models, simulated_device=sim, stop_timeout_s=2.0)
@@ -134,7 +140,8 @@ async def test_a_partial_offload_is_flagged_in_ps_api_ps_metrics_and_the_log(
     assert 'residency_cpu_fallbacks_total{kind="placement",model="partial"} 1.0' in metrics
     assert 'residency_model_gpu_fraction{device="sim:0",model="partial"} 0.4' in metrics
     warnings = [r.getMessage() for r in caplog.records if "on the CPU" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].startswith("partial runs partly on the CPU")
+    assert len(warnings) == 1
+    assert warnings[0].startswith("partial runs partly on the CPU")
 
 
 async def test_each_generation_feeds_the_detector_and_api_ps_shows_its_speed(
