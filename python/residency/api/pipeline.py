@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -60,6 +60,12 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._stack.aclose()
+
+
+class Closable(Protocol):
+    """What a stream closes at its end: an Upstream, or one still opening (api.progress)."""
+
+    async def aclose(self) -> None: ...
 
 
 class Call:
@@ -181,7 +187,7 @@ class Call:
 
     def respond_stream(
         self,
-        upstream: Upstream,
+        upstream: Upstream | Closable,
         chunks: AsyncIterator[bytes],
         *,
         error_chunk: Callable[[ApiError], bytes],
