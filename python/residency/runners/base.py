@@ -123,7 +123,13 @@ class Runner(ABC):
 
     @classmethod
     def estimate_options(
-        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+        cls,
+        *,
+        ctx: int,
+        parallel: int,
+        kv_type: str,
+        embedding: bool | None,
+        flash_attention: bool | None = None,
     ) -> dict[str, Any]:
         """residency.estimate's options for the memory this kind's process will allocate.
 
@@ -133,7 +139,11 @@ class Runner(ABC):
         from residency.runners.llama import LlamaCppPythonRunner
 
         return LlamaCppPythonRunner.estimate_options(
-            ctx=ctx, parallel=parallel, kv_type=kv_type, embedding=embedding
+            ctx=ctx,
+            parallel=parallel,
+            kv_type=kv_type,
+            embedding=embedding,
+            flash_attention=flash_attention,
         )
 
     @property

@@ -177,6 +177,7 @@ class Sizing:
             parallel=want.parallel,
             kv_type=want.kv_type,
             embedding=entry.config.embedding,
+            flash_attention=entry.config.flash_attention,
         )
 
 
