@@ -160,3 +160,33 @@ def test_flash_attention_set_explicitly_reaches_the_estimate(kind: str, tmp_path
     sizing = Sizing(settings)
     want = sizing.options(entry, None)
     assert sizing.estimate_options(entry, want)["flash_attn"] is False
+
+
+def test_a_models_projector_goes_to_llama_server_and_into_its_reservation(tmp_path: Path) -> None:
+    import asyncio
+
+    from estimate_models import write_llama
+    from residency.config import ModelConfig, load_settings
+    from residency.registry import Registry
+    from residency.scheduler.sizing import Sizing
+
+    proj = tmp_path / "mmproj.gguf"
+    proj.write_bytes(b"\0" * 123_456)
+    argv = LlamaServerRunner(_spec(projectors=(proj,))).argv()
+    assert argv[argv.index("--mmproj") + 1] == str(proj)
+    assert "--mmproj" not in LlamaServerRunner(_spec()).argv()
+
+    gguf = write_llama(tmp_path / "m.gguf")
+    models = [
+        ModelConfig(name="plain", path=gguf, runner="llama-server"),
+        ModelConfig(name="vision", path=gguf, runner="llama-server", projectors=[proj]),
+    ]
+    settings = load_settings(models=models, discover=False)
+    registry = Registry.from_settings(settings)
+    sizing = Sizing(settings)
+
+    async def needed(name: str) -> int:
+        entry = registry.resolve(name)
+        return (await sizing.needed(entry, sizing.options(entry, None), False))[0]
+
+    assert asyncio.run(needed("vision")) - asyncio.run(needed("plain")) == 123_456

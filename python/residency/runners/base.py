@@ -69,6 +69,8 @@ class LaunchSpec:
     flash_attention: bool | None = None
     #: The registry's details of the model file (family, has_chat_template).
     details: Mapping[str, Any] = field(default_factory=dict)
+    #: Multimodal projectors (llama-server's --mmproj; the first is used).
+    projectors: tuple[Path, ...] = ()
 
     @property
     def on_gpu(self) -> bool:

@@ -247,6 +247,8 @@ class LlamaServerRunner(Runner):
             # A sliding-window cache keeps only the window: a restored slot would be reprocessed
             # in full ("lack of cache data"). The full-size one is reusable.
             argv += ["--slot-save-path", str(self.kv.directory), "--swa-full"]
+        if s.projectors:  # a vision model's projector, as Ollama's store keeps it beside it
+            argv += ["--mmproj", str(s.projectors[0])]
         if self.embedding:
             argv.append("--embeddings")
             if not _declares_pooling(s.model_path):

@@ -391,5 +391,6 @@ class Executor:
             binary=self.settings.llama_server,
             flash_attention=cfg.flash_attention,
             details=inst.entry.details,
+            projectors=tuple(cfg.projectors),
         )
         return self._runner_factory(cfg.runner, spec, self.on_runner_exit)

@@ -136,7 +136,8 @@ class Sizing:
             device="gpu" if on_gpu else "cpu",
             **kw,
         )
-        result = (int(est.gpu_bytes if on_gpu else est.total_bytes), layers)
+        needed = int(est.gpu_bytes if on_gpu else est.total_bytes) + _projector_bytes(entry)
+        result = (needed, layers)
         self._estimates[(entry.name, want)] = result
         return result
 
@@ -179,6 +180,17 @@ class Sizing:
             embedding=entry.config.embedding,
             flash_attention=entry.config.flash_attention,
         )
+
+
+def _projector_bytes(entry: ModelEntry) -> int:
+    """A projector's weights go where the model goes (llama-server offloads --mmproj); its
+    file's size stands for them (its compute buffer is not estimated)."""
+    if not entry.config.projectors or runner_class(entry.runner).kind != "llama-server":
+        return 0
+    try:
+        return entry.config.projectors[0].stat().st_size
+    except OSError:
+        return 0
 
 
 def _layers(want: LoadOptions) -> int:
