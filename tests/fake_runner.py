@@ -50,7 +50,11 @@ def main() -> int:
     p.add_argument("--host-bytes", type=int, default=0, help="report this much in CPU buffers")
     args = p.parse_args()
 
-    print(f"fake runner {args.name} starting (pid {os.getpid()}, ctx {args.ctx})", flush=True)
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
+    print(
+        f"fake runner {args.name} starting (pid {os.getpid()}, ctx {args.ctx}, gpus {gpus})",
+        flush=True,
+    )
     deadline = time.monotonic() + args.load_s
     while time.monotonic() < deadline:  # a busy, talkative load: progress for the stall timer
         print("loading ...", flush=True)

@@ -16,8 +16,7 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,47 +33,11 @@ from residency.runners._process import (
 )
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
+from residency.runners.spec import LaunchSpec
 
 __all__ = ["LOOPBACK", "LaunchSpec", "Runner", "free_port"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """Everything a runner needs to start one model, resolved (no "auto" left)."""
-
-    name: str
-    model_path: Path
-    ctx: int
-    parallel: int
-    kv_type: str
-    #: Layers on the GPU: -1 all, 0 none.
-    gpu_layers: int
-    #: "cuda:0", "host", "sim:0".
-    device: str = "host"
-    device_index: int = 0
-    env: Mapping[str, str] = field(default_factory=dict)
-    health_path: str | None = None
-    args: tuple[str, ...] = ()
-    #: Serve embeddings too; None: the kind's default (``Runner.default_embedding``).
-    embedding: bool | None = None
-    #: llama-cpp-python's --chat_format; None: the GGUF's own template (or its family's).
-    chat_format: str | None = None
-    #: The command kind's argv template ({model}, {port}, ... placeholders).
-    command: Sequence[str] | None = None
-    #: llama-server's binary; None: the one on PATH.
-    binary: str | None = None
-    #: Flash attention on/off; None: the kind's default (llama-server: auto; on for a quantised KV).
-    flash_attention: bool | None = None
-    #: The registry's details of the model file (family, has_chat_template).
-    details: Mapping[str, Any] = field(default_factory=dict)
-    #: Multimodal projectors (llama-server's --mmproj; the first is used).
-    projectors: tuple[Path, ...] = ()
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.startswith("cuda")
 
 
 class Runner(ABC):
@@ -158,7 +121,8 @@ class Runner(ABC):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"  # Python runners: output lines reach the ring buffer at once
         if self.spec.on_gpu:
-            env.update(runner_gpu_environment(self.spec.device_index, os.environ))
+            indices = self.spec.device_indices or (self.spec.device_index,)
+            env.update(runner_gpu_environment(indices, os.environ))
         env["RESIDENCY_DEVICE"] = self.spec.device
         env.update(self.spec.env)
         return env

@@ -24,7 +24,7 @@ from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry
 from residency.runners import LaunchSpec, Runner, runner_class
 from residency.scheduler.clock import Clock
-from residency.scheduler.fallback import Placement, placement_of
+from residency.scheduler.fallback import Placement, judge_placement
 from residency.scheduler.host_cache import HostCache
 from residency.scheduler.lease import LoadOptions
 from residency.scheduler.sizing import gib
@@ -37,7 +37,6 @@ log = logging.getLogger("residency.scheduler")
 
 HOST_DEVICE = "host"
 
-#: Makes the runner for a launch spec: (runner kind, spec, exit callback) → Runner (tests: fakes).
 #: The metrics' name for each engine stop cause (failed runners count as crashes or failed loads).
 _EVICTION_REASON = {
     StopCause.MAKE_ROOM: "make_room",
@@ -46,6 +45,7 @@ _EVICTION_REASON = {
     StopCause.UNLOAD: "unload_request",
 }
 
+#: Makes the runner for a launch spec: (runner kind, spec, exit callback) → Runner (tests: fakes).
 RunnerFactory = Callable[[str, LaunchSpec, Callable[[Runner], None]], Runner]
 
 
@@ -71,6 +71,8 @@ class Instance:
     device: str
     device_index: int
     gpu_layers: int
+    #: Every GPU the runner uses: one, or all of them for a sched_spread device.
+    device_indices: tuple[int, ...] = ()
     runner: Runner | None = None
     #: Set when loading ended, well or not (`failure` says which).
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -87,7 +89,7 @@ class Executor:
         clock: Clock,
         probe: MemoryProbe | None,
         watcher: Watcher | None,
-        device_index: dict[str, int],
+        device_index: dict[str, tuple[int, ...]],
         runner_factory: RunnerFactory,
         events: Events,
         tasks: Tasks,
@@ -119,6 +121,7 @@ class Executor:
             options=options,
             device=device,
             device_index=self.device_index_of(device),
+            device_indices=self._device_index.get(device, (0,)),
             gpu_layers=gpu_layers,
         )
         self.instances[key] = inst
@@ -151,7 +154,17 @@ class Executor:
         return task
 
     def device_index_of(self, device: str) -> int:
-        return self._device_index.get(device, 0)
+        return self._device_index.get(device, (0,))[0]
+
+    def free_on(self, device: str) -> int | None:
+        """The device's free bytes as probed now (a spread device's: its GPUs' together)."""
+        total = 0
+        for index in self._device_index.get(device, (0,)):
+            free = self.free(index)
+            if free is None:
+                return None
+            total += free
+        return total
 
     def free(self, index: int) -> int | None:
         if self._probe is None:
@@ -169,7 +182,7 @@ class Executor:
         t0 = self._clock.now_ns()
         phases: list[float] = [time.monotonic()]  # real time of each phase's end, for the log
         try:
-            free_before = self.free(inst.device_index)
+            free_before = self.free_on(inst.device)
             # When the device already shows the memory this load needs (a host with RAM to spare
             # beyond the configured budget), the victims' exit need not be awaited before the
             # spawn; with another load in flight its pending allocation is not visible, so no.
@@ -191,7 +204,7 @@ class Executor:
             inst.runner = runner
             if host is not None:
                 host.mapped(inst.key, inst.entry.path, self._clock.now_ns())
-            free_at_spawn = None if overlap else self.free(inst.device_index)
+            free_at_spawn = None if overlap else self.free_on(inst.device)
             await runner.start()
             await runner.wait_ready(self.settings.load_timeout_s())
             await asyncio.shield(asyncio.gather(*stops))
@@ -212,7 +225,7 @@ class Executor:
                 gib(measured) if measured else "none",
                 gib(needed),
             )
-            self._check_placement(inst, runner, needed)
+            inst.placement = judge_placement(inst, runner, needed, self._metrics)
             inst.ready.set()
             if host is not None:
                 host.loaded(inst.key, self._clock.now_ns())
@@ -294,38 +307,43 @@ class Executor:
         late). On the host, also refuse to start a load the machine cannot hold."""
         if self._probe is None or self._watcher is None or free_before is None:
             return
-        free_now = self.free(inst.device_index)
+        free_now = self.free_on(inst.device)
         if expected_freed == 0:
             if free_now is None or free_now >= needed:
                 return
             # Memory still held by something that exited (a crash) or by another process.
             free_before, expected_freed = free_now, needed - free_now
+        members = inst.device_indices or (inst.device_index,)
+        for index in members:  # a spread model's share of the memory on each of its GPUs
+            share = len(members)
+            before = free_before if share == 1 else self.free(index)
+            if before is not None:
+                await self._recovered(inst, index, before, expected_freed // share, needed // share)
+
+    async def _recovered(
+        self, inst: Instance, index: int, free_before: int, expected_freed: int, needed: int
+    ) -> None:
+        assert self._probe is not None
+        assert self._watcher is not None
         result = await self._watcher.recovered(
             self._probe,
-            inst.device_index,
+            index,
             free_before=free_before,
             expected_freed=expected_freed,
             needed=needed,
             timeout_s=self.settings.recovery_timeout_s,
         )
-        outcome = result.outcome
-        log.info(
-            "recovery on %s: %s after %.3f s (%d polls, %s free)",
-            inst.device,
-            outcome.name,
-            result.elapsed_s,
-            result.polls,
-            gib(result.last_free_bytes),
-        )
-        if outcome != RecoveryOutcome.RECOVERED and inst.device == HOST_DEVICE:
-            last = result.last_free_bytes
-            if last < needed:
-                # Ollama never checks CPU loads; starting one the host cannot hold invites the OOM
-                # killer into every process here.
-                raise ModelTooLargeError(
-                    f"model {inst.key!r} needs {gib(needed)} but the host has {gib(last)} "
-                    f"available after waiting {self.settings.recovery_timeout_s:g} s"
-                )
+        outcome, last = result.outcome, result.last_free_bytes
+        log.info("recovery on %s: %s after %.3f s (%d polls, %s free)", inst.device,
+                 outcome.name, result.elapsed_s, result.polls, gib(last))  # fmt: skip
+        recovered = outcome == RecoveryOutcome.RECOVERED
+        if not recovered and inst.device == HOST_DEVICE and last < needed:
+            # Ollama never checks CPU loads; starting one the host cannot hold invites the OOM
+            # killer into every process here.
+            raise ModelTooLargeError(
+                f"model {inst.key!r} needs {gib(needed)} but the host has {gib(last)} "
+                f"available after waiting {self.settings.recovery_timeout_s:g} s"
+            )
 
     def _measure(self, runner: Runner, inst: Instance, free_at_spawn: int | None) -> int | None:
         """The runner's own buffer report; else, on a GPU, what the device lost while it loaded."""
@@ -343,27 +361,10 @@ class Executor:
             return None  # host free memory moves with every process: not a measurement
         if self._other_load_in_flight(inst):
             return None  # another load on the device blurs the difference
-        free_now = self.free(inst.device_index)
+        free_now = self.free_on(inst.device)
         if free_now is None or free_now >= free_at_spawn:
             return None
         return free_at_spawn - free_now
-
-    def _check_placement(self, inst: Instance, runner: Runner, reserved: int) -> None:
-        """Notes where a GPU runner put the model; warns when less went to the GPU than planned
-        (a silent CPU fallback: the runner works, at a fraction of the speed)."""
-        if inst.device == HOST_DEVICE:
-            return
-        p = placement_of(
-            runner.buffer_report(),
-            runner.offloaded_layers(),
-            planned_layers=inst.gpu_layers,
-            reserved_bytes=reserved,
-        )
-        inst.placement = p
-        if p is None or p.fallback == "none":
-            return
-        log.warning("%s %s", inst.key, p.describe(inst.device, inst.gpu_layers))
-        self._metrics.cpu_fallback(inst.key, "placement")
 
     def _other_load_in_flight(self, inst: Instance) -> bool:
         return any(
@@ -382,6 +383,7 @@ class Executor:
             gpu_layers=inst.gpu_layers,
             device=inst.device,
             device_index=inst.device_index,
+            device_indices=inst.device_indices,
             env=dict(cfg.env),
             health_path=cfg.health_path if cfg.runner == "command" else None,
             args=tuple(cfg.args),

@@ -10,15 +10,23 @@ its recent past (:class:`DecodeSpeed`, pure: samples in, verdicts out).
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from residency.llamacpp import is_gpu_buffer
 
-__all__ = ["DecodeSpeed", "Placement", "SpeedState", "placement_of"]
+if TYPE_CHECKING:  # the executor imports this module
+    from residency.metrics import ResidencyMetrics
+    from residency.runners import Runner
+    from residency.scheduler.executor import Instance
+
+__all__ = ["DecodeSpeed", "Placement", "SpeedState", "judge_placement", "placement_of"]
+
+log = logging.getLogger("residency.scheduler")
 
 Fallback = Literal["none", "partial", "cpu"]
 
@@ -65,6 +73,25 @@ class Placement:
             "layers": self.layers,
             "cpu_fallback": self.fallback,
         }
+
+
+def judge_placement(
+    inst: Instance, runner: Runner, reserved: int, metrics: ResidencyMetrics
+) -> Placement | None:
+    """Where a GPU runner put its model; a warning and a count when less went to the GPU than
+    planned (a silent CPU fallback: the runner works, at a fraction of the speed)."""
+    if inst.device == "host":
+        return None
+    p = placement_of(
+        runner.buffer_report(),
+        runner.offloaded_layers(),
+        planned_layers=inst.gpu_layers,
+        reserved_bytes=reserved,
+    )
+    if p is not None and p.fallback != "none":
+        log.warning("%s %s", inst.key, p.describe(inst.device, inst.gpu_layers))
+        metrics.cpu_fallback(inst.key, "placement")
+    return p
 
 
 def placement_of(
