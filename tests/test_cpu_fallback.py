@@ -133,7 +133,9 @@ async def test_a_partial_offload_is_flagged_in_ps_api_ps_metrics_and_the_log(
     cmd_ps(argparse.Namespace(json=False), _AppClient(ps), out)  # type: ignore[arg-type]
     lines = {line.split()[0]: line for line in out.getvalue().splitlines()[1:]}
     assert "60%/40% CPU/GPU" in lines["partial:latest"]
+    assert lines["partial:latest"].endswith("ready, CPU fallback (partial)")
     assert "100% GPU" in lines["whole:latest"]
+    assert lines["whole:latest"].split()[-2:] == ["sim:0", "ready"]
 
     assert 'residency_model_cpu_fallback{model="partial"} 1.0' in metrics
     assert 'residency_model_cpu_fallback{model="whole"} 0.0' in metrics
