@@ -121,6 +121,7 @@ async def test_ignore_and_honour_per_model(tmp_path: Path) -> None:
         await generate(c, "ignored", "1h")
         ka = await ps(c, "ignored")
         assert (ka["seconds"], ka["source"], ka["requested_seconds"]) == (420, "model", 3600)
+        assert ka["set_by"] is None  # its value was not used: the model's default was
         await generate(c, "trusted", -1)
         ka = await ps(c, "trusted")
         assert (ka["seconds"], ka["source"]) == (-1, "request")

@@ -161,6 +161,11 @@ class KeepAliveOrigin:
     choice: KeepAliveChoice
     client: KeepAliveClient | None = None
 
+    @classmethod
+    def of(cls, choice: KeepAliveChoice, client: KeepAliveClient | None) -> KeepAliveOrigin:
+        """The client counts as its setter only when its own value (bounded or not) applied."""
+        return cls(choice, client if choice.source in ("request", "policy") else None)
+
 
 def govern(
     asked_ns: int | None, default_ns: int, default_source: KeepAliveSource, rule: KeepAliveRule

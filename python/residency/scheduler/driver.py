@@ -239,7 +239,7 @@ class Scheduler(Admission):
         finally:
             # Synchronous: a cancelled client cannot interrupt its own release.
             if ka.ns is not None:
-                self._seen.keep_alive_set(lease.entry.name, KeepAliveOrigin(ka, client))
+                self._seen.keep_alive_set(lease.entry.name, KeepAliveOrigin.of(ka, client))
             self._run(self.engine.done(request_id, self._clock.now_ns(), ka.ns))
 
     async def _acquire(
@@ -257,7 +257,7 @@ class Scheduler(Admission):
         asked = None if keep_alive is None else parse_keep_alive(keep_alive)
         ka = self._sizing.govern_keep_alive(entry, asked, client)
         ka_ns = self._sizing.keep_alive(entry) if ka.ns is None else ka.ns
-        origin = KeepAliveOrigin(ka, client if ka.ns is not None else None)
+        origin = KeepAliveOrigin.of(ka, client)
         t0 = self._clock.now_ns()
         for _attempt in range(3):
             req = self._arrive(entry, want, ka_ns, t0)
