@@ -9,6 +9,7 @@ Measures, in the same run:
   "rescan on every listing" would pay.
 
 Last line: {"models", "check_p50_ms", "rescan_p50_ms", "full_scan_p50_ms", "check_vs_full_scan"}.
+``--quick`` (the test suite's run): 10 + 4 models and fewer repetitions, to show it still works.
 """
 
 from __future__ import annotations
@@ -37,26 +38,29 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv[1:]
+    n_ollama, n_hf = (10, 4) if quick else (N_OLLAMA, N_HF)
+    runs, checks, pulls = (2, 20, 2) if quick else (5, 200, 10)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         shape = {"n_layer": 1, "n_embd": 64, "n_head": 2, "n_head_kv": 1}
-        ggufs = [write_llama(tmp / f"m{i}.gguf", seed=i, **shape) for i in range(N_OLLAMA + N_HF)]
-        for i in range(N_OLLAMA):
+        ggufs = [write_llama(tmp / f"m{i}.gguf", seed=i, **shape) for i in range(n_ollama + n_hf)]
+        for i in range(n_ollama):
             write_ollama_model(tmp / "ollama", f"model{i}:q{i}", ggufs[i], params={"num_ctx": 2048})
-        for i in range(N_HF):
-            write_hf_repo(tmp / "hf", f"org/repo{i}", {f"r{i}-Q4_K_M.gguf": ggufs[N_OLLAMA + i]})
+        for i in range(n_hf):
+            write_hf_repo(tmp / "hf", f"org/repo{i}", {f"r{i}-Q4_K_M.gguf": ggufs[n_ollama + i]})
         settings = Settings(discover=True, ollama_models=tmp / "ollama", hf_cache=tmp / "hf")
 
         full = []
-        for _ in range(5):
+        for _ in range(runs):
             t = time.perf_counter()
             found = DiscoveredModels(settings, make_entry)
             full.append(time.perf_counter() - t)
         models = len(found.entries())
-        assert models == N_OLLAMA + N_HF, models
+        assert models == n_ollama + n_hf, models
 
         check = []
-        for _ in range(200):
+        for _ in range(checks):
             t = time.perf_counter()
             found._discovery.fingerprint()
             check.append(time.perf_counter() - t)
@@ -64,13 +68,13 @@ def main() -> None:
         now = [0.0]
         found = DiscoveredModels(settings, make_entry, clock=lambda: now[0])
         rescan = []
-        for i in range(10):
+        for i in range(pulls):
             write_ollama_model(tmp / "ollama", f"pulled{i}:1b", ggufs[i])
             now[0] += 10
             t = time.perf_counter()
             assert found.refresh()
             rescan.append(time.perf_counter() - t)
-        assert len(found.entries()) == models + 10
+        assert len(found.entries()) == models + pulls
 
     result = {
         "models": models,

@@ -62,6 +62,11 @@ class FakeLease:
     queue_duration_ns: int
 
     runner: FakeRunner | None = None
+    #: (tokens, ns) of each finished generation, as the slowdown detector would get them.
+    decodes: list[tuple[int, int]] = field(default_factory=list)
+
+    def decoded(self, tokens: int, ns: int) -> None:
+        self.decodes.append((tokens, ns))
 
     @property
     def api(self) -> RunnerApi:
@@ -85,6 +90,11 @@ class FakeResident:
     context_length: int = 2048
     refcount: int = 0
     warm_bytes: int | None = 200_000_000
+    size: int = 500_000_000
+    placement: Any = None
+    decode_speed: Any = None
+    keep_alive_ns: int | None = 300_000_000_000
+    keep_alive_origin: Any = None
 
 
 @dataclass
@@ -373,6 +383,7 @@ class FakeScheduler:
         *,
         keep_alive: str | float | None = None,
         options: Mapping[str, Any] | None = None,
+        client: Any = None,
     ) -> AsyncIterator[FakeLease]:
         entry = self.resolve(model)
         record: dict[str, Any] = {
@@ -391,7 +402,7 @@ class FakeScheduler:
         self.refcount += 1
         assert self.client is not None, "start() the scheduler first"
         try:
-            yield FakeLease(
+            lease = FakeLease(
                 model=model,
                 entry=entry,
                 client=self.client,
@@ -400,6 +411,8 @@ class FakeScheduler:
                 queue_duration_ns=1000,
                 runner=self.runner,
             )
+            record["lease"] = lease
+            yield lease
         finally:
             self.refcount -= 1
             record["released"] = True

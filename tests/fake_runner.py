@@ -7,6 +7,7 @@ llama.cpp-style buffer lines as its memory report, and can be told to misbehave:
         [--load-s 0.5] [--fail-load] [--hang-health] [--crash-after-s 1] [--crash-on-request]
         [--request-s 0.2 [--spin]] [--chunk-s 0.5] [--fail-load-while FILE] [--child]
         [--ignore-term] [--no-report]
+        [--offloaded 10/25 --host-bytes 300000000]   (a partial offload, as llama.cpp reports it)
 
 Only the test suite uses it (through the `command` runner kind), never the package.
 """
@@ -49,9 +50,15 @@ def main() -> int:
     p.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM (needs SIGKILL)")
     p.add_argument("--no-report", action="store_true", help="print no buffer-size lines")
     p.add_argument("--ctx", type=int, default=0)
+    p.add_argument("--offloaded", default=None, help="report N/M layers offloaded to the GPU")
+    p.add_argument("--host-bytes", type=int, default=0, help="report this much in CPU buffers")
     args = p.parse_args()
 
-    print(f"fake runner {args.name} starting (pid {os.getpid()}, ctx {args.ctx})", flush=True)
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
+    print(
+        f"fake runner {args.name} starting (pid {os.getpid()}, ctx {args.ctx}, gpus {gpus})",
+        flush=True,
+    )
     deadline = time.monotonic() + args.load_s
     while time.monotonic() < deadline:  # a busy, talkative load: progress for the stall timer
         print("loading ...", flush=True)
@@ -72,6 +79,11 @@ def main() -> int:
         where = "CPU" if os.environ.get("RESIDENCY_DEVICE", "host") == "host" else "CUDA0"
         mib = args.bytes / MIB
         print(f"load_tensors: {where:>10} model buffer size = {mib:.4f} MiB", flush=True)
+    if args.host_bytes:  # the layers a partial offload left on the CPU
+        mib = args.host_bytes / MIB
+        print(f"load_tensors: CPU_Mapped model buffer size = {mib:.4f} MiB", flush=True)
+    if args.offloaded:
+        print(f"load_tensors: offloaded {args.offloaded} layers to GPU", flush=True)
 
     if args.child:
         # Same process group: stopping the runner must take it down too.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -133,3 +134,59 @@ def test_every_kind_answers_for_its_estimator_options() -> None:
     assert CommandRunner.estimate_options(
         ctx=1024, parallel=2, kv_type="f16", embedding=None
     ) == LlamaCppPythonRunner.estimate_options(ctx=1024, parallel=2, kv_type="f16", embedding=None)
+
+
+@pytest.mark.parametrize("kind", ["llama-server", "llama-cpp-python"])
+def test_flash_attention_set_explicitly_reaches_the_estimate(kind: str, tmp_path: Path) -> None:
+    from estimate_models import write_llama
+    from residency.config import ModelConfig, load_settings
+    from residency.estimate import estimate
+    from residency.registry import Registry
+    from residency.scheduler.sizing import Sizing
+
+    gguf = write_llama(tmp_path / "m.gguf")
+    cls = runner_class(kind)
+    kw: dict[str, Any] = {"ctx": 4096, "parallel": 1, "kv_type": "f16", "embedding": False}
+    on = cls.estimate_options(**kw, flash_attention=True)
+    off = cls.estimate_options(**kw, flash_attention=False)
+    assert (on["flash_attn"], off["flash_attn"]) == (True, False)
+    # Without flash attention llama.cpp materialises KQ: a larger compute buffer on the GPU.
+    gpu: dict[str, Any] = {"device": "gpu", "gpu_layers": "all"}
+    assert estimate(gguf, **off, **gpu).gpu_bytes > estimate(gguf, **on, **gpu).gpu_bytes
+    # OLLAMA_FLASH_ATTENTION=0 (the settings' flash_attention) reaches the scheduler's estimate.
+    model = ModelConfig(name="m", path=gguf, runner=kind)  # type: ignore[arg-type]
+    settings = load_settings(models=[model], flash_attention=False, discover=False)
+    entry = Registry.from_settings(settings).resolve("m")
+    sizing = Sizing(settings)
+    want = sizing.options(entry, None)
+    assert sizing.estimate_options(entry, want)["flash_attn"] is False
+
+
+def test_a_models_projector_goes_to_llama_server_and_into_its_reservation(tmp_path: Path) -> None:
+    import asyncio
+
+    from estimate_models import write_llama
+    from residency.config import ModelConfig, load_settings
+    from residency.registry import Registry
+    from residency.scheduler.sizing import Sizing
+
+    proj = tmp_path / "mmproj.gguf"
+    proj.write_bytes(b"\0" * 123_456)
+    argv = LlamaServerRunner(_spec(projectors=(proj,))).argv()
+    assert argv[argv.index("--mmproj") + 1] == str(proj)
+    assert "--mmproj" not in LlamaServerRunner(_spec()).argv()
+
+    gguf = write_llama(tmp_path / "m.gguf")
+    models = [
+        ModelConfig(name="plain", path=gguf, runner="llama-server"),
+        ModelConfig(name="vision", path=gguf, runner="llama-server", projectors=[proj]),
+    ]
+    settings = load_settings(models=models, discover=False)
+    registry = Registry.from_settings(settings)
+    sizing = Sizing(settings)
+
+    async def needed(name: str) -> int:
+        entry = registry.resolve(name)
+        return (await sizing.needed(entry, sizing.options(entry, None), False))[0]
+
+    assert asyncio.run(needed("vision")) - asyncio.run(needed("plain")) == 123_456

@@ -107,6 +107,12 @@ class FakeRunner:
     def reported_bytes(self) -> int | None:
         return None
 
+    def buffer_report(self) -> dict[str, int]:
+        return {}  # reports nothing: its placement is not judged
+
+    def offloaded_layers(self) -> tuple[int, int] | None:
+        return None
+
     def output_tail(self, lines: int = 40) -> str:
         return ""
 

@@ -219,11 +219,22 @@ def cmd_ps(args: argparse.Namespace, client: Client, out: TextIO) -> int:
                 str(m.get("context_length", "")),
                 until,
                 str(m.get("device", "")),
-                str(m.get("state", "")),
+                _state(m),
             ]
         )
     table(rows, out)
     return 0
+
+
+def _state(m: dict[str, Any]) -> str:
+    """The model's state, and what the CPU-fallback checks found (see /api/ps)."""
+    notes = [str(m.get("state", ""))]
+    fallback = (m.get("placement") or {}).get("cpu_fallback", "none")
+    if fallback != "none":
+        notes.append(f"CPU fallback ({fallback})")
+    if (m.get("decode") or {}).get("slowdown"):
+        notes.append("slow")
+    return ", ".join(notes)
 
 
 def cmd_list(args: argparse.Namespace, client: Client, out: TextIO) -> int:

@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from residency.config_faults import FaultSettings
 from residency.config_file import read_toml
+from residency.config_keepalive import KeepAliveLimits
 from residency.config_model import ModelConfig, parse_duration
 from residency.config_operations import OperationsSettings
 from residency.config_runners import RunnerKind, RunnerSettings
@@ -54,7 +55,9 @@ def _alias(name: str, *extra: str) -> AliasChoices:
     return AliasChoices(*choices, *extra)
 
 
-class Settings(SecuritySettings, RunnerSettings, OperationsSettings, FaultSettings):
+class Settings(
+    SecuritySettings, RunnerSettings, OperationsSettings, FaultSettings, KeepAliveLimits
+):
     """Everything residency is configured with. See ``load_settings`` for where values come from."""
 
     model_config = SettingsConfigDict(

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from residency.config_keepalive import KeepAliveLimits
 from residency.config_runners import RunnerKind
 from residency.errors import InvalidArgumentError
 from residency.keepalive import parse_keep_alive
@@ -15,7 +16,7 @@ from residency.keepalive import parse_keep_alive
 __all__ = ["ModelConfig", "parse_duration"]
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(KeepAliveLimits):
     """One model as configured: a file, the runner that serves it, and its load options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -34,7 +35,8 @@ class ModelConfig(BaseModel):
     kv_type: str = "f16"
     #: Layers offloaded to the GPU: an int (-1 = all), or "auto" (all that fit; 0 on the host).
     gpu_layers: int | Literal["auto"] = "auto"
-    #: This model's default keep-alive ("10m", "300", "-1"); None = settings.keep_alive.
+    #: This model's default keep-alive ("10m", "300", "-1"); None = settings.keep_alive. Its
+    #: keep_alive_min/max and client_keep_alive (KeepAliveLimits) override the server's.
     keep_alive: str | None = None
     #: Pinned models are never evicted and never expire.
     pinned: bool = False

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field
 from pydantic_settings import BaseSettings
+
+from residency.config_keepalive import KeepAliveLimits
 
 __all__ = ["ApiKeyConfig", "SecuritySettings"]
 
@@ -21,8 +23,9 @@ def _own(name: str) -> AliasChoices:
     return AliasChoices(f"RESIDENCY_{name.upper()}", name)
 
 
-class ApiKeyConfig(BaseModel):
-    """An API key (sent as ``Authorization: Bearer``) and its name, shown in logs and metrics."""
+class ApiKeyConfig(KeepAliveLimits):
+    """An API key (sent as ``Authorization: Bearer``) and its name, shown in logs and metrics;
+    its keep-alive limits (KeepAliveLimits) override the model's and the server's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -12,11 +12,14 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "GPU_BUFFER_PREFIXES",
     "KV_CACHE_TYPES",
     "BufferLine",
     "KvCacheType",
+    "is_gpu_buffer",
     "needs_flash_attn",
     "parse_buffer_line",
+    "parse_offload_line",
     "slots_ctx_size",
 ]
 
@@ -88,3 +91,23 @@ def parse_buffer_line(line: str) -> BufferLine | None:
     if m is None:
         return None
     return BufferLine(m["dev"], m["what"], float(m["size"]) * _UNITS[m["unit"]])
+
+
+#: Backend buffer names of device memory ("CUDA0", "ROCm1", ...); "*_Host" ones are pinned host
+#: memory, "CPU" and "CPU_Mapped" plain host memory.
+GPU_BUFFER_PREFIXES = ("CUDA", "ROCm", "Metal", "Vulkan", "SYCL")
+
+
+def is_gpu_buffer(device: str) -> bool:
+    """Whether a buffer line's backend name is device (GPU) memory."""
+    return device.startswith(GPU_BUFFER_PREFIXES) and not device.endswith("_Host")
+
+
+# "load_tensors: offloaded 19/19 layers to GPU" (the output layer counts as one of them)
+_OFFLOAD_LINE = re.compile(r"\boffloaded (\d+)/(\d+) layers to GPU\b")
+
+
+def parse_offload_line(line: str) -> tuple[int, int] | None:
+    """(layers on the GPU, layers) from llama.cpp's "offloaded N/M layers to GPU" line."""
+    m = _OFFLOAD_LINE.search(line)
+    return None if m is None else (int(m[1]), int(m[2]))

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -163,24 +163,26 @@ def _pci_order_unless_listed(env: MutableMapping[str, str]) -> None:
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
 
 
-def runner_gpu_environment(index: int, parent: Mapping[str, str]) -> dict[str, str]:
+def runner_gpu_environment(index: int | Sequence[int], parent: Mapping[str, str]) -> dict[str, str]:
     """What a runner's environment needs for it to use GPU `index` (as residency's probe numbers
-    it) and only that GPU.
+    it) and only that GPU — or those GPUs, given several (a model spread across them).
 
     Under a ``CUDA_VISIBLE_DEVICES`` list residency's indices are positions in the list, so the
     runner gets the list's entry (a number or a GPU UUID), which means the same GPU to it as to
     residency (same ``CUDA_DEVICE_ORDER``, inherited). Without a list indices are PCI bus order,
     and the runner is told to number GPUs that way too.
     """
+    indices = [index] if isinstance(index, int) else list(index)
     listed = [d.strip() for d in parent.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     if listed:
-        if index >= len(listed):
-            raise ConfigError(
-                f"GPU {index} is not in CUDA_VISIBLE_DEVICES={parent['CUDA_VISIBLE_DEVICES']}"
-            )
-        return {"CUDA_VISIBLE_DEVICES": listed[index]}
+        for i in indices:
+            if i >= len(listed):
+                raise ConfigError(
+                    f"GPU {i} is not in CUDA_VISIBLE_DEVICES={parent['CUDA_VISIBLE_DEVICES']}"
+                )
+        return {"CUDA_VISIBLE_DEVICES": ",".join(listed[i] for i in indices)}
     return {
-        "CUDA_VISIBLE_DEVICES": str(index),
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in indices),
         "CUDA_DEVICE_ORDER": parent.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
     }
 

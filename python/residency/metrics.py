@@ -156,6 +156,13 @@ class ResidencyMetrics:
         #: Called with (event, model) on every load ("loaded") and eviction (its reason): the
         #: watchdog's thrash check listens.
         self.listeners: list[Callable[[str, str], None]] = []
+        self.cpu_fallbacks = Counter(
+            "residency_cpu_fallbacks",
+            "Models caught running on the CPU: `placement` (the runner put less on the GPU than "
+            "planned) or `slowdown` (decode speed fell below half its recent median).",
+            ("model", "kind"),
+            registry=r,
+        )
         r.register(_StateCollector(self))
 
     # ---- what the scheduler reports ---------------------------------------------------------
@@ -177,6 +184,11 @@ class ResidencyMetrics:
 
     def circuit_opened(self, model: str) -> None:
         self.circuit_opens.labels(model).inc()
+
+    def cpu_fallback(self, model: str, kind: str) -> None:
+        if kind not in ("placement", "slowdown"):
+            raise ValueError(f"unknown CPU fallback kind {kind!r}")
+        self.cpu_fallbacks.labels(model, kind).inc()
 
     def crashed(self, model: str) -> None:
         self.crashes.labels(model).inc()
@@ -232,6 +244,7 @@ class _StateCollector(Collector):
             "Runner failures in a row, by model and state (backoff, open, half_open, closed).",
             labels=("model", "state"),
         )
+        fallback = _FallbackGauges()
         if source is not None:
             configured.add_metric([], len(source.models()))
             for f in source.failing():
@@ -251,13 +264,56 @@ class _StateCollector(Collector):
                 if m.warm_bytes is not None:
                     per_model["warm_bytes"].add_metric([m.name, m.device], m.warm_bytes)
                 refcount.add_metric([m.name], m.refcount)
+                fallback.add(m)
         yield configured
         yield from device.values()
         yield resident
         yield from per_model.values()
         yield refcount
         yield failing
+        yield from fallback.families()
         yield from _kv_counters()
+
+
+class _FallbackGauges:
+    """Each resident model's real GPU share and decode speed (scheduler.fallback)."""
+
+    def __init__(self) -> None:
+        self.gpu_fraction = GaugeMetricFamily(
+            "residency_model_gpu_fraction",
+            "Share of the model's memory the runner placed on its GPU (0 on the host device).",
+            labels=("model", "device"),
+        )
+        self.cpu_fallback = GaugeMetricFamily(
+            "residency_model_cpu_fallback",
+            "1 when the runner placed less of the model on the GPU than planned.",
+            labels=("model",),
+        )
+        self.tps = GaugeMetricFamily(
+            "residency_model_decode_tokens_per_second",
+            "Median decode speed of the model's last requests.",
+            labels=("model",),
+        )
+        self.slow = GaugeMetricFamily(
+            "residency_model_decode_slowdown",
+            "1 when the model decodes at less than half its recent median speed.",
+            labels=("model",),
+        )
+
+    def add(self, m: Any) -> None:
+        size = m.size or 0
+        self.gpu_fraction.add_metric([m.name, m.device], m.size_vram / size if size else 0.0)
+        placement = getattr(m, "placement", None)
+        self.cpu_fallback.add_metric(
+            [m.name], 0 if placement is None or placement.fallback == "none" else 1
+        )
+        speed = getattr(m, "decode_speed", None)
+        if speed is not None and speed.recent_tps is not None:
+            self.tps.add_metric([m.name], speed.recent_tps)
+            self.slow.add_metric([m.name], 1 if speed.slow else 0)
+
+    def families(self) -> Iterator[Metric]:
+        yield from (self.gpu_fraction, self.cpu_fallback, self.tps, self.slow)
 
 
 def _kv_counters() -> Iterator[Metric]:

@@ -22,6 +22,7 @@ from residency.api.limits import check_model_name
 from residency.api.metrics import RequestRecord
 from residency.api.ollama_models import router as models_router
 from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
+from residency.api.progress import LoadingProgress, Pending, progress_mode, streamed
 from residency.api.proxy import now_ns
 from residency.api.schemas import (
     ChatRequest,
@@ -162,9 +163,7 @@ async def _generation(
 
         return call.respond(await call.until_disconnected(whole()))
 
-    upstream = await call.until_disconnected(opening())
-
-    async def lines() -> AsyncIterator[bytes]:
+    async def lines(upstream: Upstream) -> AsyncIterator[bytes]:
         gen = Generation(upstream.t_sent)
         async for event, at in upstream:
             text, think = gen.feed(event, at)
@@ -193,13 +192,32 @@ async def _generation(
         await _count_prompt(gen, upstream.lease, body)
         yield to_json(_final(asked, gen, rec, upstream.lease, chat=chat, whole=False)) + _NL
 
+    def error_line(e: ApiError) -> bytes:
+        return to_json({"error": e.message}) + _NL
+
+    if progress_mode(call.request, openai=False) is not None:  # opted in: lines while it loads
+        pending = Pending(opening())
+        chunks = streamed(call.state, asked, pending, lines, _progress_line(asked, chat=chat))
+        return call.respond_stream(pending, chunks, error_chunk=error_line, media_type=NDJSON)
+    upstream = await call.until_disconnected(opening())
     # Headers are gone once streaming: an error becomes the stream's last line, as Ollama does it.
-    return call.respond_stream(
-        upstream,
-        lines(),
-        error_chunk=lambda e: to_json({"error": e.message}) + _NL,
-        media_type=NDJSON,
-    )
+    return call.respond_stream(upstream, lines(upstream), error_chunk=error_line, media_type=NDJSON)
+
+
+def _progress_line(asked: str, *, chat: bool) -> Callable[[LoadingProgress], bytes]:
+    """A loading-progress line shaped like the stream's own, content empty (api.progress)."""
+
+    def line(p: LoadingProgress) -> bytes:
+        piece: dict[str, Any] = {"model": asked, "created_at": rfc3339_now()}
+        if chat:
+            piece["message"] = {"role": "assistant", "content": ""}
+        else:
+            piece["response"] = ""
+        piece["done"] = False
+        piece["loading"] = {"state": p.state, "elapsed_s": round(p.elapsed_s, 2)}
+        return to_json(piece) + _NL
+
+    return line
 
 
 def _work(req: GenerateRequest | ChatRequest) -> dict[str, Any]:
@@ -246,6 +264,7 @@ def _final(
     out["done"] = True
     out["done_reason"] = gen.done_reason
     out.update(gen.stats(t_start=rec.t_start, load_duration_ns=lease.load_duration_ns))
+    lease.decoded(out["eval_count"], out["eval_duration"])  # the slowdown detector's sample
     return out
 
 

@@ -60,6 +60,27 @@ def _expires_at(r: ResidentLike) -> str:
     return far.isoformat().replace("+00:00", "Z")
 
 
+def _seconds(ns: int | None) -> float | None:
+    return None if ns is None else (-1 if ns < 0 else ns / 1e9)
+
+
+def _keep_alive_json(r: ResidentLike) -> dict[str, Any]:
+    """The model's keep-alive, where it came from (request, model, server, policy) and which
+    client set it last (its key's name and its address)."""
+    origin = r.keep_alive_origin
+    if origin is None:  # loaded with its default, by no request (a preload)
+        configured = getattr(getattr(r.entry, "config", None), "keep_alive", None)
+        source, requested, client = ("server" if configured is None else "model"), None, None
+    else:
+        source, requested, client = origin.choice.source, origin.choice.requested_ns, origin.client
+    return {
+        "seconds": _seconds(r.keep_alive_ns),
+        "source": source,
+        "requested_seconds": _seconds(requested),
+        "set_by": None if client is None else {"key": client.key, "peer": client.peer},
+    }
+
+
 @router.get("/api/ps")
 async def ps(request: Request, state: State) -> Response:
     """Resident models, with residency's own accounting beside Ollama's fields (with a key: those
@@ -72,7 +93,7 @@ async def ps(request: Request, state: State) -> Response:
             {
                 "name": tagged(r.name),
                 "model": tagged(r.name),
-                "size": r.bytes,
+                "size": r.size,
                 "digest": DIGESTS.digest(r.entry.path),
                 "details": ollama_details(r.entry),
                 "expires_at": _expires_at(r),
@@ -87,6 +108,10 @@ async def ps(request: Request, state: State) -> Response:
                 "refcount": r.refcount,
                 # Bytes of its model file in the host's page cache now (mincore); None: unknown.
                 "warm_bytes": r.warm_bytes,
+                # Where the runner really put it, and its decode speed against its history.
+                "placement": None if r.placement is None else r.placement.as_json(),
+                "decode": None if r.decode_speed is None else r.decode_speed.as_json(),
+                "keep_alive": _keep_alive_json(r),
             }
         )
     # residency's addition: KV slots saved before runners stopped and restored after, by model.

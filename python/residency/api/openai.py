@@ -29,7 +29,8 @@ from residency.api.dialect import (
 from residency.api.errors import ApiError, error_body
 from residency.api.limits import check_model_name
 from residency.api.ollama_models import tagged
-from residency.api.pipeline import Call, endpoint, shaped_embeddings
+from residency.api.pipeline import Call, Upstream, endpoint, shaped_embeddings
+from residency.api.progress import Pending, openai_chunk, progress_mode, streamed
 from residency.api.proxy import json_response
 from residency.api.schemas import (
     OpenAIChatRequest,
@@ -39,7 +40,7 @@ from residency.api.schemas import (
 )
 from residency.api.security import key_allows
 from residency.api.state import State, body_schema
-from residency.api.translate import with_store_defaults
+from residency.api.translate import Generation, with_store_defaults
 from residency.runners.protocol import Body
 
 __all__ = ["router"]
@@ -51,6 +52,7 @@ SSE = "text/event-stream"
 _EXTENSIONS = frozenset({"keep_alive", "num_ctx"})
 _EXTENSIONS_B64 = _EXTENSIONS | {"encoding_format"}
 _DONE = b"data: [DONE]\n\n"
+_NO_CACHE = {"Cache-Control": "no-cache"}
 
 
 @router.post("/chat/completions", openapi_extra=body_schema(OpenAIChatRequest))
@@ -213,12 +215,13 @@ async def _serve(call: Call, req: _OpenAIBase, path: str, bodies: list[dict[str,
     wants_usage = bool((fields.get("stream_options") or {}).get("include_usage"))
     # Asked always: runners that can (llama-server) then count exactly; others are counted here.
     fields = {**fields, "stream_options": {"include_usage": True}}
-    upstream = await call.until_disconnected(call.open_stream(path, _named_body(fields)))
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events(upstream: Upstream) -> AsyncIterator[bytes]:
         usage: dict[str, Any] | None = None
         pieces, last = 0, {}
-        async for event, _ in upstream:
+        gen = Generation(upstream.t_sent)  # its decode speed, for the slowdown detector
+        async for event, at in upstream:
+            gen.feed(event, at)
             event["model"] = asked
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"]
@@ -234,15 +237,25 @@ async def _serve(call: Call, req: _OpenAIBase, path: str, bodies: list[dict[str,
             tail = {k: last[k] for k in ("id", "object", "created") if k in last}
             yield b"data: " + to_json({**tail, "model": asked, "choices": [], "usage": usage})
             yield b"\n\n"
+        stats = gen.stats(t_start=upstream.t_sent, load_duration_ns=0)
+        upstream.lease.decoded(stats["eval_count"], stats["eval_duration"])
         yield _DONE
 
-    # OpenAI's clients raise on a data event that carries "error".
+    def error_event(e: ApiError) -> bytes:  # OpenAI's clients raise on an event with "error"
+        return b"data: " + to_json(error_body(e, openai=True)) + b"\n\n"
+
+    mode = progress_mode(call.request, openai=True)
+    opening = call.open_stream(path, _named_body(fields))
+    if mode is not None:  # opted in: progress while the model loads (api.progress)
+        pending = Pending(opening)
+        chat = path.endswith("/chat/completions")
+        chunks = streamed(call.state, asked, pending, events, openai_chunk(mode, asked, chat))
+        return call.respond_stream(
+            pending, chunks, error_chunk=error_event, media_type=SSE, headers=_NO_CACHE
+        )
+    upstream = await call.until_disconnected(opening)
     return call.respond_stream(
-        upstream,
-        events(),
-        error_chunk=lambda e: b"data: " + to_json(error_body(e, openai=True)) + b"\n\n",
-        media_type=SSE,
-        headers={"Cache-Control": "no-cache"},
+        upstream, events(upstream), error_chunk=error_event, media_type=SSE, headers=_NO_CACHE
     )
 
 

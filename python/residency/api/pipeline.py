@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -29,7 +29,7 @@ from residency.api.limits import (
 )
 from residency.api.metrics import RequestRecord
 from residency.api.proxy import LeasedStream, json_response, now_ns, until_disconnected
-from residency.api.security import SCOPE_KEY, ApiKey
+from residency.api.security import SCOPE_KEY, ApiKey, keep_alive_client
 from residency.api.state import ApiState, DirectEndpoint, api_state, direct
 from residency.runners.protocol import Body, Embeddings, Event, EventStream, RunnerUnreachable
 
@@ -60,6 +60,12 @@ class Upstream:
 
     async def aclose(self) -> None:
         await self._stack.aclose()
+
+
+class Closable(Protocol):
+    """What a stream closes at its end: an Upstream, or one still opening (api.progress)."""
+
+    async def aclose(self) -> None: ...
 
 
 class Call:
@@ -120,8 +126,9 @@ class Call:
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[LeaseLike]:
         """The admitted model, held (and recorded) for the block."""
+        client = keep_alive_client(self.request.scope)  # whose keep_alive, under which rule
         async with self.state.scheduler.session(
-            self.model, keep_alive=self.keep_alive, options=self.options
+            self.model, keep_alive=self.keep_alive, options=self.options, client=client
         ) as lease:
             self.rec.took(lease)
             yield lease
@@ -184,7 +191,7 @@ class Call:
 
     def respond_stream(
         self,
-        upstream: Upstream,
+        upstream: Upstream | Closable,
         chunks: AsyncIterator[bytes],
         *,
         error_chunk: Callable[[ApiError], bytes],

@@ -30,11 +30,13 @@ from starlette.types import Message, Receive, Scope, Send
 from residency.api.errors import ApiError, error_response, is_openai_path
 from residency.config import Settings
 from residency.errors import ConfigError
+from residency.keepalive import KeepAliveClient, KeepAliveRule
 from residency.metrics import ResidencyMetrics
 
 __all__ = [
     "ApiKey",
     "Guard",
+    "keep_alive_client",
     "key_allows",
     "load_keys",
     "origin_allowed",
@@ -57,9 +59,23 @@ class ApiKey:
     name: str
     digest: bytes  # sha256 of the key: equal lengths for compare_digest, no secret kept in memory
     models: frozenset[str] | None
+    #: The key's keep-alive limits (over the model's and the server's); None: it has none.
+    keep_alive: KeepAliveRule | None = None
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+
+def keep_alive_client(scope: Scope) -> KeepAliveClient:
+    """Who sent the request, as /api/ps names the client that set a keep-alive: its key's name
+    (with the key's keep-alive rule) and its peer address."""
+    key: ApiKey | None = scope.get(SCOPE_KEY)
+    peer = scope.get("client")
+    return KeepAliveClient(
+        key=None if key is None else key.name,
+        peer=None if not peer else str(peer[0]),
+        rule=None if key is None else key.keep_alive,
+    )
 
 
 def key_allows(scope: Scope, model: str) -> bool:
@@ -75,7 +91,12 @@ def _digest(secret: str) -> bytes:
 def load_keys(settings: Settings) -> list[ApiKey]:
     """Every configured key: settings' list, ``$RESIDENCY_API_KEY`` (named "env"), the key file."""
     keys = [
-        ApiKey(k.name, _digest(k.key), frozenset(k.models) if k.models is not None else None)
+        ApiKey(
+            k.name,
+            _digest(k.key),
+            frozenset(k.models) if k.models is not None else None,
+            k.keep_alive_rule(),
+        )
         for k in settings.api_keys
     ]
     if settings.api_key:

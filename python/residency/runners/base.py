@@ -16,13 +16,11 @@ import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from residency.errors import RunnerError
-from residency.llamacpp import parse_buffer_line
+from residency.llamacpp import is_gpu_buffer, parse_buffer_line, parse_offload_line
 from residency.memory import runner_gpu_environment
 from residency.runners._process import (
     CAN_DIE_WITH_PARENT,
@@ -35,48 +33,12 @@ from residency.runners._process import (
 )
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
-from residency.runners.upstream import UpstreamTimeouts, UpstreamWatch, tree_progress
+from residency.runners.spec import LaunchSpec
+from residency.runners.upstream import UpstreamWatch, tree_progress
 
 __all__ = ["LOOPBACK", "LaunchSpec", "Runner", "free_port"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """Everything a runner needs to start one model, resolved (no "auto" left)."""
-
-    name: str
-    model_path: Path
-    ctx: int
-    parallel: int
-    kv_type: str
-    #: Layers on the GPU: -1 all, 0 none.
-    gpu_layers: int
-    #: "cuda:0", "host", "sim:0".
-    device: str = "host"
-    device_index: int = 0
-    env: Mapping[str, str] = field(default_factory=dict)
-    health_path: str | None = None
-    args: tuple[str, ...] = ()
-    #: Serve embeddings too; None: the kind's default (``Runner.default_embedding``).
-    embedding: bool | None = None
-    #: llama-cpp-python's --chat_format; None: the GGUF's own template (or its family's).
-    chat_format: str | None = None
-    #: The command kind's argv template ({model}, {port}, ... placeholders).
-    command: Sequence[str] | None = None
-    #: llama-server's binary; None: the one on PATH.
-    binary: str | None = None
-    #: Flash attention on/off; None: the kind's default (llama-server: auto; on for a quantised KV).
-    flash_attention: bool | None = None
-    #: The registry's details of the model file (family, has_chat_template).
-    details: Mapping[str, Any] = field(default_factory=dict)
-    #: When a request whose runner stopped answering fails (runners.upstream).
-    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.startswith("cuda")
 
 
 class Runner(ABC):
@@ -115,6 +77,7 @@ class Runner(ABC):
         self._on_exit = on_exit
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._buffers: dict[str, int] = {}
+        self._offloaded: tuple[int, int] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._pgid: int | None = None
         self._output: OutputPipe | None = None
@@ -133,7 +96,13 @@ class Runner(ABC):
 
     @classmethod
     def estimate_options(
-        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+        cls,
+        *,
+        ctx: int,
+        parallel: int,
+        kv_type: str,
+        embedding: bool | None,
+        flash_attention: bool | None = None,
     ) -> dict[str, Any]:
         """residency.estimate's options for the memory this kind's process will allocate.
 
@@ -143,7 +112,11 @@ class Runner(ABC):
         from residency.runners.llama import LlamaCppPythonRunner
 
         return LlamaCppPythonRunner.estimate_options(
-            ctx=ctx, parallel=parallel, kv_type=kv_type, embedding=embedding
+            ctx=ctx,
+            parallel=parallel,
+            kv_type=kv_type,
+            embedding=embedding,
+            flash_attention=flash_attention,
         )
 
     @property
@@ -156,7 +129,8 @@ class Runner(ABC):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"  # Python runners: output lines reach the ring buffer at once
         if self.spec.on_gpu:
-            env.update(runner_gpu_environment(self.spec.device_index, os.environ))
+            indices = self.spec.device_indices or (self.spec.device_index,)
+            env.update(runner_gpu_environment(indices, os.environ))
         env["RESIDENCY_DEVICE"] = self.spec.device
         env.update(self.spec.env)
         return env
@@ -319,15 +293,12 @@ class Runner(ABC):
         if not buffers:
             return None
         gpu = self.spec.on_gpu
-
-        def on_device(name: str) -> bool:
-            is_gpu = name.startswith(("CUDA", "ROCm", "Metal", "Vulkan", "SYCL")) and not (
-                name.endswith("_Host")
-            )
-            return is_gpu if gpu else not is_gpu
-
-        total = sum(b for name, b in buffers.items() if on_device(name.split("/")[0]))
+        total = sum(b for k, b in buffers.items() if is_gpu_buffer(k.split("/")[0]) == gpu)
         return total or None
+
+    def offloaded_layers(self) -> tuple[int, int] | None:
+        """(layers on the GPU, layers) as llama.cpp reported them; None if it did not."""
+        return self._offloaded
 
     def error(self, what: str) -> RunnerError:
         """A RunnerError naming this runner, with its last output lines."""
@@ -365,6 +336,8 @@ class Runner(ABC):
             if buffer is not None:
                 key = f"{buffer.device}/{buffer.kind}"
                 self._buffers[key] = self._buffers.get(key, 0) + int(buffer.size_bytes)
+            elif "layers to GPU" in line:
+                self._offloaded = parse_offload_line(line) or self._offloaded
 
     async def _wait_exit(self) -> None:
         assert self._proc is not None

@@ -48,7 +48,13 @@ def kv_type_id(kv_type: str) -> int:
 
 
 def llama_server_estimate_options(
-    *, ctx: int, parallel: int, kv_type: str, embedding: bool = False, swa_full: bool = False
+    *,
+    ctx: int,
+    parallel: int,
+    kv_type: str,
+    embedding: bool = False,
+    swa_full: bool = False,
+    flash_attention: bool | None = None,
 ) -> dict[str, Any]:
     """The estimator's options for the command line LlamaServerRunner builds (``ctx`` per slot)."""
     return {
@@ -57,8 +63,9 @@ def llama_server_estimate_options(
         "kv_type": kv_type,
         "embeddings": embedding,
         "swa_full": swa_full,
-        # llama-server's default `-fa auto`: on unless CUDA lacks the model's head size.
-        "flash_attn": "auto",
+        # As set (`--flash-attn on|off`), else llama-server's default `-fa auto`: on unless
+        # CUDA lacks the model's head size.
+        "flash_attn": "auto" if flash_attention is None else flash_attention,
         # It reserves logits for one token per slot (all of a batch only when serving embeddings).
         "n_outputs": None if embedding else parallel,
     }
@@ -77,7 +84,13 @@ class LlamaCppPythonRunner(Runner):
 
     @classmethod
     def estimate_options(
-        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+        cls,
+        *,
+        ctx: int,
+        parallel: int,
+        kv_type: str,
+        embedding: bool | None,
+        flash_attention: bool | None = None,
     ) -> dict[str, Any]:
         if embedding is None:
             embedding = cls.default_embedding
@@ -92,6 +105,8 @@ class LlamaCppPythonRunner(Runner):
             "embeddings": embedding,
             "batch": 512,
             "swa_full": True,
+            # As set (--flash_attn), else on exactly for a quantised V cache, as the runner does.
+            "flash_attn": flash_attention,
         }
         if embedding:
             opts.update(parallel=256, kv_unified=True)
@@ -172,7 +187,13 @@ class LlamaServerRunner(Runner):
 
     @classmethod
     def estimate_options(
-        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+        cls,
+        *,
+        ctx: int,
+        parallel: int,
+        kv_type: str,
+        embedding: bool | None,
+        flash_attention: bool | None = None,
     ) -> dict[str, Any]:
         return llama_server_estimate_options(
             ctx=ctx,
@@ -181,6 +202,7 @@ class LlamaServerRunner(Runner):
             embedding=cls.default_embedding if embedding is None else embedding,
             # KV persistence runs it with --swa-full (a model opted out is overestimated a bit).
             swa_full=defaults.current().kv.enabled,
+            flash_attention=flash_attention,
         )
 
     def binary(self) -> Path:
@@ -225,6 +247,8 @@ class LlamaServerRunner(Runner):
             # A sliding-window cache keeps only the window: a restored slot would be reprocessed
             # in full ("lack of cache data"). The full-size one is reusable.
             argv += ["--slot-save-path", str(self.kv.directory), "--swa-full"]
+        if s.projectors:  # a vision model's projector, as Ollama's store keeps it beside it
+            argv += ["--mmproj", str(s.projectors[0])]
         if self.embedding:
             argv.append("--embeddings")
             if not _declares_pooling(s.model_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -25,16 +26,16 @@ from residency._core import (
     DeviceUsage,
     Engine,
     InvalidStateError,
-    RejectCode,
     ResidentSet,
 )
 from residency.config import Settings
 from residency.errors import ResidencyError, RunnerError, ServerBusyError
-from residency.keepalive import parse_keep_alive
+from residency.keepalive import KeepAliveChoice, KeepAliveClient, KeepAliveOrigin, parse_keep_alive
 from residency.memory import DeviceInfo, MemoryProbe
 from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry, Registry
 from residency.runners.protocol import RunnerUnreachable
+from residency.scheduler.admission import Admission
 from residency.scheduler.circuit import Circuit
 from residency.scheduler.clock import Clock, MonotonicClock
 from residency.scheduler.devices import discover, engine_devices
@@ -47,12 +48,12 @@ from residency.scheduler.executor import (
 )
 from residency.scheduler.host_cache import make_host_cache
 from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
+from residency.scheduler.observations import Observations
 from residency.scheduler.reload import ModelChanges, model_changes
 from residency.scheduler.requests import PendingRequest, copy_error, shape_of
 from residency.scheduler.rows import device_usage, resident_rows
 from residency.scheduler.runner_checks import check_before_use, exits_soon, still_serving
 from residency.scheduler.sizing import Sizing, gib
-from residency.scheduler.sizing_steps import SizingSteps
 from residency.scheduler.timer import KeepAliveTimer
 from residency.scheduler.watchdog import Watchdog
 from residency.watcher import Watcher
@@ -62,7 +63,7 @@ __all__ = ["Scheduler"]
 log = logging.getLogger("residency.scheduler")
 
 
-class Scheduler(SizingSteps):
+class Scheduler(Admission):
     """Loads, keeps alive, evicts and recovers models on behalf of concurrent requests."""
 
     def __init__(
@@ -96,6 +97,7 @@ class Scheduler(SizingSteps):
         self._requests: dict[int, PendingRequest] = {}
         self._ids = itertools.count(1)
         self._timer: KeepAliveTimer | None = None
+        self._seen = Observations(self.metrics)
         self._timer_task: asyncio.Task[None] | None = None
         self._started = self._closed = False
         #: Liveness of the loop, idle runners, the watcher, thrash and waits (/health reads it).
@@ -197,13 +199,15 @@ class Scheduler(SizingSteps):
         *,
         keep_alive: str | float | None = None,
         options: Mapping[str, Any] | None = None,
+        client: KeepAliveClient | None = None,
     ) -> AbstractAsyncContextManager[Lease]:
         """``async with scheduler.session("gemma3:270m") as lease:``: a ready runner, one request.
 
-        keep_alive applies on exit (None keeps the model's current value). Raises
+        keep_alive applies on exit (None keeps the model's current value), bounded or replaced
+        as the keep-alive rules of `client`'s key, the model and the server say. Raises
         ModelNotFoundError, ServerBusyError, ModelTooLargeError, RunnerError, InvalidArgumentError.
         """
-        return self._session(model, keep_alive, options)
+        return self._session(model, keep_alive, options, client)
 
     async def load(
         self,
@@ -256,14 +260,20 @@ class Scheduler(SizingSteps):
     def resident(self) -> list[ResidentModel]:
         if self._engine is None or self._executor is None:
             return []
-        return resident_rows(self._engine, self._executor, self._clock.now_ns())
+        now = self._clock.now_ns()
+        seen = self._seen
+        return resident_rows(self._engine, self._executor, now, seen.keep_alive_origins, seen.speed)
 
     # ---- one request ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _session(
-        self, model: str, keep_alive: str | float | None, options: Mapping[str, Any] | None
+        self,
+        model: str,
+        keep_alive: str | float | None,
+        options: Mapping[str, Any] | None,
+        client: KeepAliveClient | None,
     ) -> AsyncIterator[Lease]:
-        lease, request_id, ka = await self._acquire(model, keep_alive, options)
+        lease, request_id, ka = await self._acquire(model, keep_alive, options, client)
         try:
             yield lease
         except RunnerUnreachable:  # dropped unanswered: if it is dying, fail it before the retry
@@ -275,24 +285,33 @@ class Scheduler(SizingSteps):
                 self.circuit.succeeded(lease.entry.name)  # served to the end: the streak is over
         finally:
             # Synchronous: a cancelled client cannot interrupt its own release.
-            self._run(self.engine.done(request_id, self._clock.now_ns(), ka))
+            if ka.ns is not None:
+                self._seen.keep_alive_set(lease.entry.name, KeepAliveOrigin.of(ka, client))
+            self._run(self.engine.done(request_id, self._clock.now_ns(), ka.ns))
 
     async def _acquire(
-        self, model: str, keep_alive: str | float | None, options: Mapping[str, Any] | None
-    ) -> tuple[Lease, int, int | None]:
-        """The lease, the request's id, and its keep_alive parsed (None: keep the model's)."""
+        self,
+        model: str,
+        keep_alive: str | float | None,
+        options: Mapping[str, Any] | None,
+        client: KeepAliveClient | None,
+    ) -> tuple[Lease, int, KeepAliveChoice]:
+        """The lease, the request's id, and the keep-alive it applies (ns None: the model's)."""
         if not self._started or self._closed:
             raise InvalidStateError("the scheduler is not running")
         entry = self.resolve(model)
         want = self._sizing.options(entry, options)
         asked = None if keep_alive is None else parse_keep_alive(keep_alive)
-        ka_ns = self._sizing.keep_alive(entry) if asked is None else asked
+        ka = self._sizing.govern_keep_alive(entry, asked, client)
+        ka_ns = self._sizing.keep_alive(entry) if ka.ns is None else ka.ns
+        origin = KeepAliveOrigin.of(ka, client)
         t0 = self._clock.now_ns()
         for _attempt in range(3):
             if self.circuit.failing:  # backing off after failures (raises if its circuit is open)
                 wait = self.circuit.wait_ns(entry.name, self._clock.now_ns())
                 await self._clock.sleep_until(self._clock.now_ns() + wait)
             req = self._arrive(entry, want, ka_ns, t0)
+            req.keep_alive_origin = origin
             try:
                 inst, grant = await req.granted
             except asyncio.CancelledError:
@@ -325,8 +344,9 @@ class Scheduler(SizingSteps):
                 ctx=inst.options.ctx,
                 device=inst.device,
                 runner=inst.runner,
+                on_decoded=functools.partial(self._decoded, entry.name),
             )
-            return lease, req.id, asked
+            return lease, req.id, ka
         raise RunnerError(f"the runner for {entry.name!r} kept failing its health check")
 
     def _arrive(self, entry: ModelEntry, want: LoadOptions, ka_ns: int, t0: int) -> PendingRequest:
@@ -339,6 +359,13 @@ class Scheduler(SizingSteps):
         now = self._clock.now_ns()
         self._run(self.engine.arrive(req.id, entry.name, shape_of(want), req.bytes, ka_ns, now))
         return req
+
+    def _decoded(self, key: str, tokens: int, ns: int) -> None:
+        """A request's decode speed, counted when it had its model to itself (requests that
+        share a runner share its device, and each decodes slower)."""
+        r = self.core.reservation(key)
+        if r is not None and r.refcount == 1:
+            self._seen.decoded(key, tokens, ns / 1e9)
 
     # ---- carrying out the engine's actions -----------------------------------------------------
     def _run(self, actions: list[Action]) -> None:
@@ -370,21 +397,10 @@ class Scheduler(SizingSteps):
         req = self._requests[a.request]
         if req.entry.config.pinned:
             self.core.set_pinned(a.key, True, self._clock.now_ns())
+        if req.keep_alive_origin is not None:  # the loading request's keep-alive is the first
+            self._seen.keep_alive_set(a.key, req.keep_alive_origin)
         inst = self._executor.create(a.key, req.entry, req.want, a.device, req.gpu_layers)
         self._executor.load(inst, list(a.victims), a.freed_bytes, a.bytes)
-
-    def _reject(self, a: Action) -> None:
-        req = self._requests.get(a.request)
-        if req is None or req.granted.done():
-            return  # a voided grant: the request sees its runner's failure
-        if a.code in (RejectCode.BUSY, RejectCode.TIMED_OUT):
-            if a.code == RejectCode.TIMED_OUT and self.watchdog is not None:
-                self.watchdog.timed_out(a.key, a.reason)
-            req.granted.set_exception(ServerBusyError(a.reason, retry_after_s=1.0))
-        elif a.code == RejectCode.TOO_LARGE:
-            self._tasks.spawn(self._too_large(req, a.reason), f"offload-{a.key}")
-        else:
-            req.granted.set_exception(ResidencyError(a.reason))
 
     # ---- what the executor reports -------------------------------------------------------------
     def runner_ready(self, inst: Instance, load_s: float, measured: int | None) -> None:

@@ -12,10 +12,10 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from residency._core import StopCause
 from residency.config import Settings
@@ -25,9 +25,11 @@ from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry
 from residency.runners import LaunchSpec, Runner, runner_class
 from residency.scheduler.clock import Clock
+from residency.scheduler.fallback import Placement, judge_placement
 from residency.scheduler.host_cache import HostCache
 from residency.scheduler.lease import LoadOptions
 from residency.scheduler.sizing import gib
+from residency.scheduler.tasks import Tasks
 from residency.watcher import RecoveryOutcome, Watcher
 
 __all__ = ["HOST_DEVICE", "Executor", "Instance", "RunnerFactory", "Tasks", "default_runner"]
@@ -36,7 +38,6 @@ log = logging.getLogger("residency.scheduler")
 
 HOST_DEVICE = "host"
 
-#: Makes the runner for a launch spec: (runner kind, spec, exit callback) → Runner (tests: fakes).
 #: The metrics' name for each engine stop cause (failed runners count as crashes or failed loads).
 _EVICTION_REASON = {
     StopCause.MAKE_ROOM: "make_room",
@@ -45,6 +46,7 @@ _EVICTION_REASON = {
     StopCause.UNLOAD: "unload_request",
 }
 
+#: Makes the runner for a launch spec: (runner kind, spec, exit callback) → Runner (tests: fakes).
 RunnerFactory = Callable[[str, LaunchSpec, Callable[[Runner], None]], Runner]
 
 
@@ -70,33 +72,14 @@ class Instance:
     device: str
     device_index: int
     gpu_layers: int
+    #: Every GPU the runner uses: one, or all of them for a sched_spread device.
+    device_indices: tuple[int, ...] = ()
     runner: Runner | None = None
     #: Set when loading ended, well or not (`failure` says which).
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     failure: ResidencyError | None = None
-
-
-class Tasks:
-    """Tasks the scheduler keeps a reference to. Stoppers (runner stops) are awaited at shutdown,
-    never cancelled: a half-stopped runner would outlive the scheduler."""
-
-    def __init__(self) -> None:
-        self.work: set[asyncio.Task[Any]] = set()
-        self.stoppers: set[asyncio.Task[Any]] = set()
-
-    def spawn(
-        self, coro: Coroutine[Any, Any, Any], name: str, *, stopper: bool = False
-    ) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=f"residency-{name}")
-        (self.stoppers if stopper else self.work).add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self.work.discard(task)
-        self.stoppers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+    #: Where the runner really put the model (a GPU device's runner that reported it).
+    placement: Placement | None = None
 
 
 class Executor:
@@ -107,7 +90,7 @@ class Executor:
         clock: Clock,
         probe: MemoryProbe | None,
         watcher: Watcher | None,
-        device_index: dict[str, int],
+        device_index: dict[str, tuple[int, ...]],
         runner_factory: RunnerFactory,
         events: Events,
         tasks: Tasks,
@@ -139,6 +122,7 @@ class Executor:
             options=options,
             device=device,
             device_index=self.device_index_of(device),
+            device_indices=self._device_index.get(device, (0,)),
             gpu_layers=gpu_layers,
         )
         self.instances[key] = inst
@@ -177,7 +161,17 @@ class Executor:
         return task
 
     def device_index_of(self, device: str) -> int:
-        return self._device_index.get(device, 0)
+        return self._device_index.get(device, (0,))[0]
+
+    def free_on(self, device: str) -> int | None:
+        """The device's free bytes as probed now (a spread device's: its GPUs' together)."""
+        total = 0
+        for index in self._device_index.get(device, (0,)):
+            free = self.free(index)
+            if free is None:
+                return None
+            total += free
+        return total
 
     def free(self, index: int) -> int | None:
         if self._probe is None:
@@ -195,7 +189,7 @@ class Executor:
         t0 = self._clock.now_ns()
         phases: list[float] = [time.monotonic()]  # real time of each phase's end, for the log
         try:
-            free_before = self.free(inst.device_index)
+            free_before = self.free_on(inst.device)
             # When the device already shows the memory this load needs (a host with RAM to spare
             # beyond the configured budget), the victims' exit need not be awaited before the
             # spawn; with another load in flight its pending allocation is not visible, so no.
@@ -217,7 +211,7 @@ class Executor:
             inst.runner = runner
             if host is not None:
                 host.mapped(inst.key, inst.entry.path, self._clock.now_ns())
-            free_at_spawn = None if overlap else self.free(inst.device_index)
+            free_at_spawn = None if overlap else self.free_on(inst.device)
             await runner.start()
             await runner.wait_ready(self.settings.load_timeout_s())
             await asyncio.shield(asyncio.gather(*stops))
@@ -238,6 +232,7 @@ class Executor:
                 gib(measured) if measured else "none",
                 gib(needed),
             )
+            inst.placement = judge_placement(inst, runner, needed, self._metrics)
             inst.ready.set()
             if host is not None:
                 host.loaded(inst.key, self._clock.now_ns())
@@ -321,38 +316,43 @@ class Executor:
         late). On the host, also refuse to start a load the machine cannot hold."""
         if self._probe is None or self._watcher is None or free_before is None:
             return
-        free_now = self.free(inst.device_index)
+        free_now = self.free_on(inst.device)
         if expected_freed == 0:
             if free_now is None or free_now >= needed:
                 return
             # Memory still held by something that exited (a crash) or by another process.
             free_before, expected_freed = free_now, needed - free_now
+        members = inst.device_indices or (inst.device_index,)
+        for index in members:  # a spread model's share of the memory on each of its GPUs
+            share = len(members)
+            before = free_before if share == 1 else self.free(index)
+            if before is not None:
+                await self._recovered(inst, index, before, expected_freed // share, needed // share)
+
+    async def _recovered(
+        self, inst: Instance, index: int, free_before: int, expected_freed: int, needed: int
+    ) -> None:
+        assert self._probe is not None
+        assert self._watcher is not None
         result = await self._watcher.recovered(
             self._probe,
-            inst.device_index,
+            index,
             free_before=free_before,
             expected_freed=expected_freed,
             needed=needed,
             timeout_s=self.settings.recovery_timeout_s,
         )
-        outcome = result.outcome
-        log.info(
-            "recovery on %s: %s after %.3f s (%d polls, %s free)",
-            inst.device,
-            outcome.name,
-            result.elapsed_s,
-            result.polls,
-            gib(result.last_free_bytes),
-        )
-        if outcome != RecoveryOutcome.RECOVERED and inst.device == HOST_DEVICE:
-            last = result.last_free_bytes
-            if last < needed:
-                # Ollama never checks CPU loads; starting one the host cannot hold invites the OOM
-                # killer into every process here.
-                raise ModelTooLargeError(
-                    f"model {inst.key!r} needs {gib(needed)} but the host has {gib(last)} "
-                    f"available after waiting {self.settings.recovery_timeout_s:g} s"
-                )
+        outcome, last = result.outcome, result.last_free_bytes
+        log.info("recovery on %s: %s after %.3f s (%d polls, %s free)", inst.device,
+                 outcome.name, result.elapsed_s, result.polls, gib(last))  # fmt: skip
+        recovered = outcome == RecoveryOutcome.RECOVERED
+        if not recovered and inst.device == HOST_DEVICE and last < needed:
+            # Ollama never checks CPU loads; starting one the host cannot hold invites the OOM
+            # killer into every process here.
+            raise ModelTooLargeError(
+                f"model {inst.key!r} needs {gib(needed)} but the host has {gib(last)} "
+                f"available after waiting {self.settings.recovery_timeout_s:g} s"
+            )
 
     def _measure(self, runner: Runner, inst: Instance, free_at_spawn: int | None) -> int | None:
         """The runner's own buffer report; else, on a GPU, what the device lost while it loaded."""
@@ -370,7 +370,7 @@ class Executor:
             return None  # host free memory moves with every process: not a measurement
         if self._other_load_in_flight(inst):
             return None  # another load on the device blurs the difference
-        free_now = self.free(inst.device_index)
+        free_now = self.free_on(inst.device)
         if free_now is None or free_now >= free_at_spawn:
             return None
         return free_at_spawn - free_now
@@ -392,6 +392,7 @@ class Executor:
             gpu_layers=inst.gpu_layers,
             device=inst.device,
             device_index=inst.device_index,
+            device_indices=inst.device_indices,
             env=dict(cfg.env),
             health_path=cfg.health_path if cfg.runner == "command" else None,
             timeouts=self.settings.upstream_timeouts(),
@@ -402,5 +403,6 @@ class Executor:
             binary=self.settings.llama_server,
             flash_attention=cfg.flash_attention,
             details=inst.entry.details,
+            projectors=tuple(cfg.projectors),
         )
         return self._runner_factory(cfg.runner, spec, self.on_runner_exit)

@@ -3,15 +3,18 @@ the rows of /api/ps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 from residency.errors import RunnerError
+from residency.keepalive import KeepAliveOrigin
 from residency.registry import ModelEntry
 from residency.runners import Runner
 from residency.runners.http import RunnerClient
 from residency.runners.protocol import RunnerApi
+from residency.scheduler.fallback import Placement, SpeedState
 
 __all__ = ["Lease", "LoadOptions", "ResidentModel"]
 
@@ -50,6 +53,13 @@ class Lease:
     ctx: int
     device: str
     runner: Runner = field(repr=False)
+    #: Told each finished generation's (tokens, decode ns): the slowdown detector's samples.
+    on_decoded: Callable[[int, int], None] | None = field(default=None, repr=False)
+
+    def decoded(self, tokens: int, ns: int) -> None:
+        """One generation's decode: `tokens` generated in `ns` (first to last token)."""
+        if self.on_decoded is not None:
+            self.on_decoded(tokens, ns)
 
     @property
     def base_url(self) -> str:
@@ -98,3 +108,12 @@ class ResidentModel:
     refcount: int
     #: Bytes of its model file in the host's page cache now (mincore); None: not measured.
     warm_bytes: int | None = None
+    #: Ollama's "size": the reservation, or what the runner placed on GPU and host together
+    #: when part of the model runs on the CPU (size_vram then is its GPU part).
+    size: int = 0
+    #: Where the runner put the model (GPU devices), and its decode speed against its history.
+    placement: Placement | None = None
+    decode_speed: SpeedState | None = None
+    #: The keep-alive now (ns, < 0 forever), where it came from and who set it.
+    keep_alive_ns: int | None = None
+    keep_alive_origin: KeepAliveOrigin | None = None

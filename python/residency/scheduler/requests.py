@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from residency._core import Action, LoadShape
 from residency.errors import ModelTooLargeError, ResidencyError, RunnerError
+from residency.keepalive import KeepAliveOrigin
 from residency.registry import ModelEntry
 from residency.scheduler.executor import Instance
 from residency.scheduler.lease import LoadOptions
@@ -29,6 +30,8 @@ class PendingRequest:
     #: Bytes to reserve and GPU layers (-1 = all), once estimated (0 bytes: not yet).
     bytes: int = 0
     gpu_layers: int = -1
+    #: Where keep_alive_ns came from (the loading request's is the model's first).
+    keep_alive_origin: KeepAliveOrigin | None = None
 
     def too_large(self, reason: str) -> ModelTooLargeError:
         return ModelTooLargeError(

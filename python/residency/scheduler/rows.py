@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 
 from residency._core import DeviceUsage, Engine, ResidentSet
+from residency.keepalive import KeepAliveOrigin
 from residency.scheduler.executor import HOST_DEVICE, Executor
+from residency.scheduler.fallback import DecodeSpeed
 from residency.scheduler.lease import ResidentModel
 
 #: The core's "never" (INT64_MAX) and anything near it: no expiry to show.
 _FOREVER = 2**63 - 1
 
 
-def resident_rows(engine: Engine, executor: Executor, now_ns: int) -> list[ResidentModel]:
+def resident_rows(
+    engine: Engine,
+    executor: Executor,
+    now_ns: int,
+    origins: Mapping[str, KeepAliveOrigin],
+    speed: DecodeSpeed,
+) -> list[ResidentModel]:
     wall = datetime.now(timezone.utc)
     rows = []
     for r in engine.resident_set.snapshot():
@@ -22,6 +31,10 @@ def resident_rows(engine: Engine, executor: Executor, now_ns: int) -> list[Resid
         if inst is None:
             continue
         expires = r.expires_at
+        size, size_vram = r.bytes, 0 if r.device == HOST_DEVICE else r.bytes
+        p = inst.placement
+        if p is not None and p.split:  # the real CPU/GPU split, as the runner reported it
+            size, size_vram = p.gpu_bytes + p.host_bytes, p.gpu_bytes
         rows.append(
             ResidentModel(
                 name=r.key,
@@ -31,7 +44,8 @@ def resident_rows(engine: Engine, executor: Executor, now_ns: int) -> list[Resid
                 bytes=r.bytes,
                 estimated_bytes=r.estimated_bytes,
                 measured_bytes=r.bytes if r.measured else None,
-                size_vram=0 if r.device == HOST_DEVICE else r.bytes,
+                size=size,
+                size_vram=size_vram,
                 expires_at=None
                 if expires is None or expires >= _FOREVER
                 else wall + timedelta(microseconds=(expires - now_ns) / 1000),
@@ -40,6 +54,10 @@ def resident_rows(engine: Engine, executor: Executor, now_ns: int) -> list[Resid
                 warm_bytes=None
                 if executor.host_cache is None
                 else executor.host_cache.warm_bytes(r.key),
+                placement=p,
+                decode_speed=speed.state(r.key),
+                keep_alive_ns=r.keep_alive,
+                keep_alive_origin=origins.get(r.key),
             )
         )
     return rows
@@ -47,4 +65,4 @@ def resident_rows(engine: Engine, executor: Executor, now_ns: int) -> list[Resid
 
 def device_usage(core: ResidentSet, executor: Executor) -> list[tuple[DeviceUsage, int | None]]:
     """Each device's accounting in the core, with the free bytes its probe reports now."""
-    return [(d, executor.free(executor.device_index_of(d.id))) for d in core.devices()]
+    return [(d, executor.free_on(d.id)) for d in core.devices()]

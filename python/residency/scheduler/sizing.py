@@ -14,7 +14,14 @@ from typing import Any, Literal
 from residency._core import InvalidArgumentError
 from residency.config import Settings
 from residency.errors import EstimateError
-from residency.keepalive import parse_keep_alive
+from residency.keepalive import (
+    KeepAliveChoice,
+    KeepAliveClient,
+    KeepAliveRule,
+    KeepAliveSource,
+    govern,
+    parse_keep_alive,
+)
 from residency.registry import ModelEntry
 from residency.runners import runner_class
 from residency.scheduler.lease import LoadOptions
@@ -35,6 +42,8 @@ class Sizing:
         self._default_options: dict[str, LoadOptions] = {}
         self._keep_alive: dict[str, int] = {}
         self._default_keep_alive_ns = settings.keep_alive_ns()
+        self._server_rule = settings.keep_alive_rule()
+        self._rules: dict[str, KeepAliveRule] = {}
 
     # ---- options and keep-alive ----------------------------------------------------------------
     def options(self, entry: ModelEntry, options: Mapping[str, Any] | None) -> LoadOptions:
@@ -100,6 +109,19 @@ class Sizing:
             self._keep_alive[entry.name] = ka
         return ka
 
+    def govern_keep_alive(
+        self, entry: ModelEntry, asked_ns: int | None, client: KeepAliveClient | None
+    ) -> KeepAliveChoice:
+        """The keep-alive a request applies, under its key's, its model's and the server's rule
+        (most specific first)."""
+        rule = self._rules.get(entry.name)
+        if rule is None:
+            rule = self._rules[entry.name] = entry.config.keep_alive_rule().over(self._server_rule)
+        if client is not None and client.rule is not None:
+            rule = client.rule.over(rule)
+        source: KeepAliveSource = "server" if entry.config.keep_alive is None else "model"
+        return govern(asked_ns, self.keep_alive(entry), source, rule)
+
     # ---- bytes ---------------------------------------------------------------------------------
     def cached(self, entry: ModelEntry, want: LoadOptions) -> tuple[int, int] | None:
         """Bytes and GPU layers if known without reading the model file."""
@@ -121,7 +143,8 @@ class Sizing:
             device="gpu" if on_gpu else "cpu",
             **kw,
         )
-        result = (int(est.gpu_bytes if on_gpu else est.total_bytes), layers)
+        needed = int(est.gpu_bytes if on_gpu else est.total_bytes) + _projector_bytes(entry)
+        result = (needed, layers)
         self._estimates[(entry.name, want)] = result
         return result
 
@@ -162,7 +185,19 @@ class Sizing:
             parallel=want.parallel,
             kv_type=want.kv_type,
             embedding=entry.config.embedding,
+            flash_attention=entry.config.flash_attention,
         )
+
+
+def _projector_bytes(entry: ModelEntry) -> int:
+    """A projector's weights go where the model goes (llama-server offloads --mmproj); its
+    file's size stands for them (its compute buffer is not estimated)."""
+    if not entry.config.projectors or runner_class(entry.runner).kind != "llama-server":
+        return 0
+    try:
+        return entry.config.projectors[0].stat().st_size
+    except OSError:
+        return 0
 
 
 def _layers(want: LoadOptions) -> int:

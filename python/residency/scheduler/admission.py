@@ -1,33 +1,51 @@
-"""The driver's steps that size a request: its estimate, and partial offload when it fits on no
-device whole (a part of ``Scheduler``, kept apart to keep the driver readable)."""
+"""The driver's part in sizing a request: estimating what it needs, and when it fits on no
+device, retrying with the layers that fit on the largest GPU (partial offload) or failing it."""
 
 from __future__ import annotations
 
-from residency._core import Action, Engine, ResidentSet
+from residency._core import Action, Engine, RejectCode, ResidentSet
+from residency.errors import ResidencyError, ServerBusyError
 from residency.scheduler.clock import Clock
-from residency.scheduler.executor import HOST_DEVICE
+from residency.scheduler.executor import HOST_DEVICE, Tasks
 from residency.scheduler.requests import PendingRequest, shape_of
 from residency.scheduler.sizing import Sizing
+from residency.scheduler.watchdog import Watchdog
 
-__all__ = ["SizingSteps"]
+__all__ = ["Admission"]
 
 
-class SizingSteps:
-    """Mixed into Scheduler, whose fields these are."""
+class Admission:
+    """Mixed into the Scheduler: the Estimate and Reject actions' handling."""
 
     _sizing: Sizing
+    _tasks: Tasks
     _clock: Clock
+    _requests: dict[int, PendingRequest]
+    watchdog: Watchdog | None
 
     @property
     def engine(self) -> Engine:
-        raise NotImplementedError  # Scheduler's
+        raise NotImplementedError
 
     @property
     def core(self) -> ResidentSet:
-        raise NotImplementedError  # Scheduler's
+        raise NotImplementedError
 
     def _run(self, actions: list[Action]) -> None:
-        raise NotImplementedError  # Scheduler's
+        raise NotImplementedError
+
+    def _reject(self, a: Action) -> None:
+        req = self._requests.get(a.request)
+        if req is None or req.granted.done():
+            return  # a voided grant: the request sees its runner's failure
+        if a.code in (RejectCode.BUSY, RejectCode.TIMED_OUT):
+            if a.code == RejectCode.TIMED_OUT and self.watchdog is not None:
+                self.watchdog.timed_out(a.key, a.reason)
+            req.granted.set_exception(ServerBusyError(a.reason, retry_after_s=1.0))
+        elif a.code == RejectCode.TOO_LARGE:
+            self._tasks.spawn(self._too_large(req, a.reason), f"offload-{a.key}")
+        else:
+            req.granted.set_exception(ResidencyError(a.reason))
 
     async def _estimate(self, req: PendingRequest) -> None:
         try:
