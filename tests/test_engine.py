@@ -254,7 +254,7 @@ def test_a_queued_request_times_out_at_its_deadline() -> None:
     e = one_slot(queue_timeout_ns=10 * S)
     e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)
     e.ready("a", S, 1.0)  # request 1 holds a: b cannot load beside it
-    assert e.arrive(2, "b", SHAPE, 6 * GiB, KA, 2 * S) == []
+    assert kinds(e.arrive(2, "b", SHAPE, 6 * GiB, KA, 2 * S)) == [("prefetch", 2)]
     assert e.arrive(3, "b", SHAPE, 6 * GiB, KA, 5 * S) == []
     assert e.oldest_wait(6 * S) == 4 * S
     assert e.next_deadline() == 12 * S
