@@ -125,9 +125,9 @@ async def test_n_choices_are_served_one_by_one() -> None:
         body = r.json()
         assert [c["index"] for c in body["choices"]] == [0, 1, 2]
         assert all(c["message"]["content"] == "Hello world" for c in body["choices"])
-        # The fake streams no usage (as llama-cpp-python): its tokenizer counts the prompt (one
-        # token a word), once for the three choices; each choice streamed three tokens.
-        assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}
+        # The fake streams no usage (as llama-cpp-python): the prompt is counted once for the
+        # three choices, by the runner itself (see the next test); each choice streamed 3 tokens.
+        assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
         assert all("n" not in sent for _, sent in s.runner.requests)
         r = await s.client.post(
             "/v1/chat/completions",
@@ -170,7 +170,11 @@ async def test_include_usage_chunk_counted_when_the_runner_sends_none() -> None:
         assert events[-1] == "[DONE]"
         last = events[-2]
         assert last["choices"] == []
-        assert last["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+        # The rendered chat's count, as the runner counts it: the same chat asked unstreamed for
+        # one token (the fake's answer says 5), not its text's tokens (1 here).
+        assert last["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        (asked,) = s.runner.counted
+        assert asked == {"messages": [USER], "model": MODEL, "stream": False, "max_tokens": 1}
         # without asking, no usage chunk
         r = await s.client.post(
             "/v1/chat/completions", json={"model": MODEL, "messages": [USER], "stream": True}

@@ -74,7 +74,7 @@ def long_request(path: str, *, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": MODEL, "stream": stream, "options": options}
     else:
         body = {"model": MODEL, "stream": stream, "max_tokens": LONG, "temperature": 0}
-    if path.endswith("chat") or path.endswith("chat/completions"):
+    if path.endswith(("chat", "chat/completions")):
         body["messages"] = [{"role": "user", "content": PROMPT}]
     else:
         body["prompt"] = PROMPT
@@ -111,9 +111,11 @@ def test_a_client_that_leaves_stops_its_generation(server: Server, path: str, st
     try:
         # The runner took the request and is generating (a few tokens decoded).
         wait_until(
-            lambda: (s := slot(runner))["is_processing"]
-            and s.get("id_task") != before
-            and decoded(s) >= 5,
+            lambda: (
+                (s := slot(runner))["is_processing"]
+                and s.get("id_task") != before
+                and decoded(s) >= 5
+            ),
             120,
             "the runner to start generating",
         )
