@@ -100,6 +100,8 @@ class FakeRunner:
     """Answers /v1/chat/completions, /v1/completions and /v1/embeddings like llama-cpp-python."""
 
     tokens: Sequence[str] = ("Hel", "lo", " world")
+    #: Thinking streamed before the tokens (chat only), as llama-server's reasoning_content.
+    reasoning: Sequence[str] = ()
     finish_reason: str = "stop"
     token_delay_s: float = 0.0
     #: Extra fields on the last stream event (usage, timings) as llama-server sends them.
@@ -197,6 +199,10 @@ class FakeRunner:
 
     async def _stream(self, chat: bool) -> AsyncIterator[bytes]:
         try:
+            for thought in self.reasoning if chat else ():
+                chunk = _chunk(chat, "", None)
+                chunk["choices"][0]["delta"] = {"reasoning_content": thought}
+                yield _sse(chunk)
             for i, token in enumerate(self.tokens):
                 if self.cut_after is not None and i == self.cut_after:
                     self.output.append(self.cut_line)
