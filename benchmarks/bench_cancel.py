@@ -9,13 +9,16 @@ runner's ``/slots`` shows 5 tokens decoded — a client that disconnects or time
   10 ms), through residency, per API and mode. Not measured for the direct unstreamed request:
   llama-server checks such a request's connection only after a second with no result for any
   task, and a ``/slots`` query is such a result — polling would keep it generating.
+- ``tokens_seen_after_disconnect``: the slot's decoded count last seen busy, less its count at
+  the close (a lower bound by up to the last token: a released slot's count reads 0).
 - ``next_request``: from the close until a 4-token request sent right after it is answered: the
   queue time a runaway generation would add, against the same small request on an idle runner.
   Baselines: the direct unstreamed request (what residency passed on before) and direct streamed.
 
     python benchmarks/bench_cancel.py [--tries 5] [--quick]
 
-Last stdout line, one JSON object: medians in ms per mode, and the idle runner's small request.
+Last stdout line, one JSON object: medians (and maxima) in ms per mode, the most tokens seen
+generated for nobody, and the idle runner's small request.
 """
 
 from __future__ import annotations
@@ -141,19 +144,27 @@ def wait_generating(runner: str, before: Any) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         s = slot(runner)
-        decoded = s.get("next_token", [{}])[0].get("n_decoded", 0)
-        if s["is_processing"] and s.get("id_task") != before and decoded >= 5:
+        if s["is_processing"] and s.get("id_task") != before and decoded(s) >= 5:
             return
         time.sleep(0.02)
     sys.exit("the runner never started generating")
 
 
-def wait_idle(runner: str) -> None:
+def decoded(s: dict[str, Any]) -> int:
+    return int(s.get("next_token", [{}])[0].get("n_decoded", 0))
+
+
+def wait_idle(runner: str) -> int:
+    """Until the slot is idle; the last count of decoded tokens seen while it was busy (a
+    released slot's count reads 0)."""
     deadline = time.monotonic() + 300
-    while slot(runner)["is_processing"]:
+    last = 0
+    while (s := slot(runner))["is_processing"]:
+        last = decoded(s)
         if time.monotonic() > deadline:
             sys.exit("the runner's slot never went idle")
         time.sleep(0.01)
+    return last
 
 
 def small(url: str) -> None:
@@ -169,45 +180,53 @@ def small_direct(runner: str) -> None:
     assert r.status_code == 200, r.text
 
 
-def disconnect(url: str, runner: str, mode: tuple[str, str, str, bool]) -> float:
-    """Asks for the long generation, closes the socket once it is under way; when (perf s)."""
+def disconnect(url: str, runner: str, mode: tuple[str, str, str, bool]) -> tuple[float, int]:
+    """Asks for the long generation, closes the socket once it is under way: when (perf s), and
+    the tokens decoded by then."""
     _, target, path, streamed = mode
     before = slot(runner).get("id_task")
     sock = open_request(runner if target == "direct" else url, path, long_body(path, streamed))
     wait_generating(runner, before)
+    at_close = decoded(slot(runner))
     t0 = time.perf_counter()
     sock.close()
-    return t0
+    return t0, at_close
 
 
-def one_try(url: str, runner: str, mode: tuple[str, str, str, bool]) -> tuple[float | None, float]:
-    """(disconnect → slot idle ms, or None where polling would disturb it; disconnect → the
-    next small request answered ms). Two long requests: a /slots poll would disturb what the
-    next request measures for an unstreamed direct request, so each is measured alone."""
+Try = tuple[float | None, int | None, float]
+
+
+def one_try(url: str, runner: str, mode: tuple[str, str, str, bool]) -> Try:
+    """(disconnect → slot idle ms and tokens seen decoded after the close, both None where
+    polling would disturb them; disconnect → the next small request answered ms). Two long
+    requests: a /slots poll would disturb what the next request measures for an unstreamed
+    direct request, so each is measured alone."""
     _, target, _, streamed = mode
     direct = target == "direct"
     to_idle: float | None = None
+    extra: int | None = None
     if not (direct and not streamed):
-        t0 = disconnect(url, runner, mode)
-        wait_idle(runner)
+        t0, at_close = disconnect(url, runner, mode)
+        last = wait_idle(runner)
         to_idle = (time.perf_counter() - t0) * 1e3
-    t0 = disconnect(url, runner, mode)
+        extra = max(0, last - at_close)
+    t0, _ = disconnect(url, runner, mode)
     if direct:
         small_direct(runner)
     else:
         small(url)
     next_ms = (time.perf_counter() - t0) * 1e3
     wait_idle(runner)
-    return to_idle, next_ms
+    return to_idle, extra, next_ms
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tries", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="2 tries")
+    ap.add_argument("--quick", action="store_true", help="1 try")
     args = ap.parse_args()
     if args.quick:
-        args.tries = 2
+        args.tries = 1
     binary = find_llama_server()
     if binary is None:
         sys.exit("no llama-server: build it with residency build-runner")
@@ -224,6 +243,7 @@ def main() -> None:
         idle: list[float] = []
         to_idle: dict[str, list[float]] = {m[0]: [] for m in MODES}
         next_ms: dict[str, list[float]] = {m[0]: [] for m in MODES}
+        tokens_after: dict[str, list[int]] = {m[0]: [] for m in MODES}
         with serving(config, port, tmp / "residency.log") as proc:
             small(url)  # loads the model
             runner = f"http://127.0.0.1:{runner_port(proc.pid)}"
@@ -232,9 +252,10 @@ def main() -> None:
                 small(url)
                 idle.append((time.perf_counter() - t0) * 1e3)
                 for mode in MODES if i % 2 == 0 else MODES[::-1]:
-                    gone, after = one_try(url, runner, mode)
-                    if gone is not None:
+                    gone, extra, after = one_try(url, runner, mode)
+                    if gone is not None and extra is not None:
                         to_idle[mode[0]].append(gone)
+                        tokens_after[mode[0]].append(extra)
                     next_ms[mode[0]].append(after)
                 print(
                     f"try {i}: idle runner {idle[-1]:.0f} ms; "
@@ -253,6 +274,7 @@ def main() -> None:
     result = {
         "disconnect_to_idle_p50_ms": {m: p50(v) for m, v in to_idle.items() if v},
         "disconnect_to_idle_max_ms": {m: round(max(v), 1) for m, v in to_idle.items() if v},
+        "tokens_seen_after_disconnect_max": {m: max(v) for m, v in tokens_after.items() if v},
         "next_request_p50_ms": {m: p50(v) for m, v in next_ms.items()},
         "idle_runner_request_p50_ms": p50(idle),
         "next_request_ratio_vs_direct_unstreamed": round(
