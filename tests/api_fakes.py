@@ -110,6 +110,8 @@ class FakeRunner:
     """Answers /v1/chat/completions, /v1/completions and /v1/embeddings like llama-cpp-python."""
 
     tokens: Sequence[str] = ("Hel", "lo", " world")
+    #: Thinking streamed before the tokens (chat only), as llama-server's reasoning_content.
+    reasoning: Sequence[str] = ()
     finish_reason: str = "stop"
     token_delay_s: float = 0.0
     #: Extra fields on the last stream event (usage, timings) as llama-server sends them.
@@ -129,8 +131,9 @@ class FakeRunner:
     #: Break the stream with an error event after this many tokens.
     fail_after: int | None = None
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    #: Texts counted on the tokenizer endpoint (not in `requests`).
-    counted: list[str] = field(default_factory=list)
+    #: Texts counted on the tokenizer endpoint, and chats asked unstreamed for one token (how
+    #: residency counts a rendered prompt): not in `requests`.
+    counted: list[Any] = field(default_factory=list)
     output: list[str] = field(default_factory=lambda: ["fake runner: last words"])
     closed_streams: int = 0
     tokens_sent: int = 0
@@ -141,7 +144,15 @@ class FakeRunner:
         if path == "/extras/tokenize/count":  # llama-cpp-python's tokenizer: one token a word
             self.counted.append(body["input"])
             return httpx.Response(200, json={"count": len(body["input"].split())})
-        self.requests.append((request.url.path, body))
+        if (
+            path == "/v1/chat/completions"
+            and body.get("max_tokens") == 1
+            and not body.get("stream")
+        ):
+            # residency asking how many tokens a chat's rendered prompt has (dialect.prompt_tokens)
+            self.counted.append(body)
+        else:
+            self.requests.append((request.url.path, body))
         if self.error is not None:
             status, payload = self.error
             return httpx.Response(status, json=payload)
@@ -198,6 +209,10 @@ class FakeRunner:
 
     async def _stream(self, chat: bool) -> AsyncIterator[bytes]:
         try:
+            for thought in self.reasoning if chat else ():
+                chunk = _chunk(chat, "", None)
+                chunk["choices"][0]["delta"] = {"reasoning_content": thought}
+                yield _sse(chunk)
             for i, token in enumerate(self.tokens):
                 if self.cut_after is not None and i == self.cut_after:
                     self.output.append(self.cut_line)

@@ -4,11 +4,13 @@ precise 400s for what cannot be served."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from api_fakes import FakeEntry, FakeRunner, serving, sse
+from api_fakes import FakeEntry, FakeRunner, ndjson, serving, sse
+from residency.api.translate import thinking_fields
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -125,6 +127,8 @@ async def test_n_choices_are_served_one_by_one() -> None:
         body = r.json()
         assert [c["index"] for c in body["choices"]] == [0, 1, 2]
         assert all(c["message"]["content"] == "Hello world" for c in body["choices"])
+        # The fake streams no usage (as llama-cpp-python): the prompt is counted once for the
+        # three choices, by the runner itself (see the next test); each choice streamed 3 tokens.
         assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
         assert all("n" not in sent for _, sent in s.runner.requests)
         r = await s.client.post(
@@ -141,7 +145,7 @@ async def test_prompt_lists_and_token_ids() -> None:
         body = r.json()
         assert [c["index"] for c in body["choices"]] == [0, 1]
         assert [sent["prompt"] for _, sent in s.runner.requests] == ["a", "b"]
-        assert body["usage"]["prompt_tokens"] == 10
+        assert body["usage"]["prompt_tokens"] == 2  # "a" and "b", one token each
         before = len(s.runner.requests)
         for path, field, value in (
             ("/v1/completions", "prompt", [1, 2, 3]),
@@ -168,7 +172,11 @@ async def test_include_usage_chunk_counted_when_the_runner_sends_none() -> None:
         assert events[-1] == "[DONE]"
         last = events[-2]
         assert last["choices"] == []
-        assert last["usage"] == {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+        # The rendered chat's count, as the runner counts it: the same chat asked unstreamed for
+        # one token (the fake's answer says 5), not its text's tokens (1 here).
+        assert last["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        (asked,) = s.runner.counted
+        assert asked == {"messages": [USER], "model": MODEL, "stream": False, "max_tokens": 1}
         # without asking, no usage chunk
         r = await s.client.post(
             "/v1/chat/completions", json={"model": MODEL, "messages": [USER], "stream": True}
@@ -239,6 +247,53 @@ async def test_ollama_passes_what_the_model_can_do(tmp_path: Path) -> None:
         assert s.runner.requests[-1][1]["tools"][0]["function"]["name"] == "w"
         show = (await s.client.post("/api/show", json={"model": MODEL})).json()
         assert show["capabilities"] == ["completion", "tools", "thinking", "vision"]
+
+
+@pytest.mark.parametrize(
+    ("think", "fields"),
+    [
+        (None, {}),
+        (False, {"chat_template_kwargs": {"enable_thinking": False}}),
+        (True, {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_format": "deepseek"}),
+        (
+            "high",
+            {
+                "chat_template_kwargs": {"enable_thinking": True},
+                "reasoning_effort": "high",
+                "reasoning_format": "deepseek",
+            },
+        ),
+    ],
+)
+def test_think_in_llama_servers_fields(think: bool | str | None, fields: dict[str, Any]) -> None:
+    assert thinking_fields(think) == fields
+
+
+async def test_think_reaches_the_runner_and_its_thinking_comes_back(tmp_path: Path) -> None:
+    runner = FakeRunner(reasoning=["Let me ", "see."])
+    async with serving(runner) as s:
+        _plain_model(s, tmp_path, "{% if enable_thinking %}<think>{% endif %}")
+        chat = {"model": MODEL, "messages": [USER], "think": True}
+        r = await s.client.post("/api/chat", json={**chat, "stream": False})
+        assert r.status_code == 200, r.text
+        message = r.json()["message"]
+        assert message == {"role": "assistant", "content": "Hello world", "thinking": "Let me see."}
+        sent = s.runner.requests[-1][1]
+        assert sent["chat_template_kwargs"] == {"enable_thinking": True}
+        assert sent["reasoning_format"] == "deepseek"
+        # Streamed: the thinking comes first, in its own field, as Ollama streams it.
+        r = await s.client.post("/api/chat", json={**chat, "stream": True})
+        pieces = [line["message"] for line in ndjson(r.text)[:-1]]
+        assert [p.get("thinking") for p in pieces[:2]] == ["Let me ", "see."]
+        assert "".join(p["content"] for p in pieces) == "Hello world"
+        # /api/generate: the thinking beside the response.
+        gen = {"model": MODEL, "prompt": "hi", "think": "low", "stream": False}
+        r = await s.client.post("/api/generate", json=gen)
+        assert r.json()["thinking"] == "Let me see."
+        assert s.runner.requests[-1][1]["reasoning_effort"] == "low"
+        r = await s.client.post("/api/generate", json={**gen, "think": "extreme"})
+        assert r.status_code == 400
+        assert "think must be" in r.json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -254,6 +255,14 @@ class RawClient:
         await self.app(scope, receive, send)
 
 
+async def _until(condition: Callable[[], bool], timeout_s: float = 5) -> None:
+    for _ in range(int(timeout_s / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
+
+
 async def _raw(runner: FakeRunner) -> tuple[Any, FakeScheduler]:
     sched = FakeScheduler(runner)
     return create_app(Settings(), scheduler=sched), sched
@@ -335,6 +344,35 @@ async def test_disconnect_during_a_non_streamed_generation_releases() -> None:
         assert all(s["released"] for s in sched.sessions)
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", OPENAI_CHAT),
+        ("/v1/completions", {"model": MODEL, "prompt": "x"}),
+        ("/api/generate", {"model": MODEL, "prompt": "x", "stream": False}),
+    ],
+)
+async def test_a_client_gone_from_an_unstreamed_generation_stops_the_runner(
+    path: str, body: dict[str, Any]
+) -> None:
+    # The runner is asked for a stream even so: only then does a closed connection stop it.
+    runner = FakeRunner(tokens=[f"t{i} " for i in range(100)], token_delay_s=0.01)
+    app, sched = await _raw(runner)
+    async with app.router.lifespan_context(app):
+        client = RawClient(app)
+        task = asyncio.ensure_future(client.post(path, body))
+        await _until(lambda: runner.tokens_sent >= 3)
+        client.gone.set()
+        await asyncio.wait_for(task, 2)
+        assert sched.refcount == 0
+        assert runner.requests[-1][1]["stream"] is True
+        sent_at_disconnect = runner.tokens_sent
+        await asyncio.sleep(0.1)
+        assert runner.tokens_sent <= sent_at_disconnect + 1 < 100
+        assert runner.closed_streams == 1
+        assert not any(m["type"] == "http.response.start" for m in client.messages)
+
+
 async def test_stream_cut_short_by_the_runner_is_an_error() -> None:
     # llama-cpp-python answers 200, then fails (prompt over the context) and closes the stream,
     # printing why only to its log; asked the same unstreamed, it answers 400 with the reason.
@@ -344,12 +382,9 @@ async def test_stream_cut_short_by_the_runner_is_an_error() -> None:
         assert_ollama_error(r, 400, "exceed context window of 1024")
         r = await s.client.post("/api/chat", json={**OLLAMA_CHAT, "stream": True})
         assert_ollama_error(r, 400, "exceed context window")  # nothing was streamed yet
-        path, asked_again = s.runner.requests[-1]
-        assert (path, asked_again["stream"], asked_again["max_tokens"]) == (
-            "/v1/chat/completions",
-            False,
-            1,
-        )
+        # Asked again unstreamed, for one token (the fake files such a request as `counted`).
+        asked_again = s.runner.counted[-1]
+        assert (asked_again["stream"], asked_again["max_tokens"]) == (False, 1)
     # Cut before its first event with nothing to refuse: the runner broke (its log is not read).
     async with serving(FakeRunner(cut_after=0)) as s:
         r = await s.client.post("/api/chat", json=OLLAMA_CHAT)

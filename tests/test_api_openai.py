@@ -28,14 +28,19 @@ async def test_chat_passes_through_with_the_asked_name() -> None:
         assert body["usage"]["completion_tokens"] == 3
         path, sent = s.runner.requests[-1]
         assert path == "/v1/chat/completions"
-        # Unknown fields reach the runner untouched; only what the client set is sent.
+        # Unknown fields reach the runner untouched; only what the client set is sent, asked as
+        # a stream (so the runner stops if the client leaves) and assembled.
         assert sent == {
             "model": MODEL,
             "messages": [{"role": "user", "content": "hi"}],
             "temperature": 0,
             "top_k": 3,
             "vendor_field": {"x": 1},
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["finish_reason"] == "stop"
         assert s.sched.sessions[-1]["released"] is True
 
 

@@ -175,6 +175,26 @@ def test_ollama_chat_and_streaming_chat(oc: Any) -> None:
     assert "".join(p.message.content for p in parts[:-1]).strip()
 
 
+def test_prompt_count_is_the_rendered_chats(server: Server, oc: Any) -> None:
+    # llama-cpp-python streams no usage: residency counts the prompt, and must count what the
+    # runner's chat template renders, not the messages' text.
+    messages = [{"role": "user", "content": "Say hello."}]
+    *_, final = oc.chat(model=MODEL, messages=messages, options=FAST, stream=True)
+    [pid] = server.note_runners()
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    runner = f"http://127.0.0.1:{int(argv[argv.index(b'--port') + 1])}"
+    # The runner's own count, answering the same chat unstreamed.
+    own = httpx.post(
+        runner + "/v1/chat/completions",
+        json={"messages": messages, "max_tokens": 1, "temperature": 0},
+        timeout=60,
+    ).json()["usage"]["prompt_tokens"]
+    text_only = httpx.post(
+        runner + "/extras/tokenize/count", json={"input": "Say hello."}, timeout=60
+    ).json()["count"]
+    assert final.prompt_eval_count == own > text_only
+
+
 def test_ollama_embed(oc: Any) -> None:
     out = oc.embed(model=MODEL, input=["why is the sky blue?", "grass is green"])
     assert len(out.embeddings) == 2

@@ -158,15 +158,26 @@ def merged_answers(answers: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: Chat fields that change the rendered prompt (a template may render the tools).
+_PROMPT_FIELDS = ("messages", "tools", "tool_choice", "chat_template_kwargs")
+
+
 async def prompt_tokens(lease: LeaseLike, fields: Mapping[str, Any]) -> int | None:
-    """The prompt's tokens, for a runner that reports none (llama-cpp-python when streaming),
-    counted by the runner's own tokenizer: a raw prompt exactly, a chat as its messages' text
-    (the chat template's own few tokens are not in that count). None: the runner cannot count."""
+    """The prompt's tokens as the runner counts them, for one that reports none when streaming
+    (llama-cpp-python). A raw prompt: the runner's tokenizer, which counts it as the runner
+    does. A chat: the prompt is what the runner's chat template renders — special tokens, role
+    headers, a generation prompt — so its messages' text alone undercounts (12 tokens for
+    Gemma's one-line "Say hello.", 4 without the template). The runner is asked the same chat
+    unstreamed, for one token: its usage is the rendered prompt's count, and the prompt is
+    already in its cache, so this costs one token of work. None: the runner cannot count."""
     text = fields.get("prompt")
-    if not isinstance(text, str):
-        text = "\n".join(_text(m.get("content")) for m in fields.get("messages") or ())
     try:
-        answer = from_json(await lease.api.complete("/extras/tokenize/count", {"input": text}))
-        return int(answer["count"])
+        if isinstance(text, str):
+            counted = await lease.api.complete("/extras/tokenize/count", {"input": text})
+            return int(from_json(counted)["count"])
+        body = {k: fields[k] for k in _PROMPT_FIELDS if k in fields}
+        body.update(model=fields.get("model"), stream=False, max_tokens=1)
+        answer = from_json(await lease.api.complete("/v1/chat/completions", body))
+        return int(answer["usage"]["prompt_tokens"])
     except (ResidencyError, ValueError, TypeError, KeyError):
         return None

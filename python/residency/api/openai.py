@@ -3,17 +3,19 @@
 The facade's work here is scheduling (the lease), the model name (responses carry the name the
 client asked for), residency's two extensions (``keep_alive`` and ``num_ctx`` body fields, which
 OpenAI lacks), ``encoding_format: "base64"`` for embeddings, and errors in OpenAI's shape.
+A generation whose client wants one body is still streamed from the runner and assembled, so the
+runner stops when the client goes away (runners.assemble says why).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic_core import from_json, to_json
+from pydantic_core import to_json
 from starlette.responses import Response
 
 from residency.api._types import LeaseLike
@@ -41,7 +43,7 @@ from residency.api.schemas import (
 from residency.api.security import key_allows
 from residency.api.state import State, body_schema
 from residency.api.translate import Generation, with_store_defaults
-from residency.runners.protocol import Body
+from residency.runners.protocol import Assembly, Body
 
 __all__ = ["router"]
 
@@ -175,36 +177,20 @@ def _work(req: _OpenAIBase) -> dict[str, Any]:
     return work
 
 
-def _named_body(fields: dict[str, Any]) -> Callable[[LeaseLike], Body]:
-    def body(lease: LeaseLike) -> Body:
+def _named_body(fields: dict[str, Any]) -> Callable[[LeaseLike], dict[str, Any]]:
+    def body(lease: LeaseLike) -> dict[str, Any]:
         return {**fields, "model": lease.entry.name}
 
     return body
-
-
-def _renamed(content: bytes, asked: str) -> bytes:
-    """The runner's answer with the model name the client asked for, parsed only when needed."""
-    # The runners' compact JSON names the model in its first "model" key (top level, before any
-    # nested object): when that is already the name asked for, the bytes pass through.
-    at = content.find(b'"model":')
-    if at >= 0 and content.startswith(to_json(asked), at + 8):
-        return content
-    data = from_json(content)
-    if isinstance(data, dict):
-        data["model"] = asked
-        return to_json(data)
-    return content
 
 
 async def _serve(call: Call, req: _OpenAIBase, path: str, bodies: list[dict[str, Any]]) -> Response:
     """One runner request per body (several: one per prompt and choice, served in turn)."""
     asked = req.model
     if not getattr(req, "stream", False):
-        if len(bodies) == 1:  # the usual case: the runner's bytes, under the name asked for
-            return call.respond(_renamed(await call.complete(path, _named_body(bodies[0])), asked))
         answers = []
         for fields in bodies:
-            answer = from_json(await call.complete(path, _named_body(fields)))
+            answer = await call.generate(path, _named_body(fields), _usage_counter(fields))
             answer["_prompt_key"] = str(fields.get("prompt", ""))
             answers.append(answer)
         data = merged_answers(answers)
@@ -264,6 +250,16 @@ def _has_text(choice: dict[str, Any]) -> bool:
     if delta is None:
         return bool(choice.get("text"))
     return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
+
+
+def _usage_counter(fields: dict[str, Any]) -> Callable[[LeaseLike, Assembly], Awaitable[None]]:
+    """Counts an assembled answer's usage where the runner reported none (llama-cpp-python)."""
+
+    async def count(lease: LeaseLike, answer: Assembly) -> None:
+        if answer.usage is None:
+            answer.usage = await _counted_usage(lease, fields, answer.pieces)
+
+    return count
 
 
 async def _counted_usage(lease: LeaseLike, fields: dict[str, Any], pieces: int) -> dict[str, int]:

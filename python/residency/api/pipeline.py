@@ -31,7 +31,14 @@ from residency.api.metrics import RequestRecord
 from residency.api.proxy import LeasedStream, json_response, now_ns, until_disconnected
 from residency.api.security import SCOPE_KEY, ApiKey, keep_alive_client
 from residency.api.state import ApiState, DirectEndpoint, api_state, direct
-from residency.runners.protocol import Body, Embeddings, Event, EventStream, RunnerUnreachable
+from residency.runners.protocol import (
+    Assembly,
+    Body,
+    Embeddings,
+    Event,
+    EventStream,
+    RunnerUnreachable,
+)
 
 __all__ = ["Call", "Upstream", "endpoint", "shaped_embeddings"]
 
@@ -137,12 +144,24 @@ class Call:
         """`work`, cancelled (its lease released) if the client goes away first."""
         return await until_disconnected(self.request, work)
 
-    async def complete(self, path: str, body: Callable[[LeaseLike], Body]) -> bytes:
-        """One unstreamed runner call inside a lease; the runner's JSON answer."""
+    async def generate(
+        self,
+        path: str,
+        body: Callable[[LeaseLike], Mapping[str, Any]],
+        finish: Callable[[LeaseLike, Assembly], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """One generation answered whole, inside a lease: the runner streams it (so it stops
+        when the client goes away: see runners.assemble) and the answer is assembled here.
+        `finish` runs inside the lease (e.g. to count usage the runner did not report)."""
 
-        async def work() -> bytes:
+        async def work() -> dict[str, Any]:
             async with self.lease() as lease:
-                return await lease.api.complete(path, body(lease))
+                assembly = await lease.api.generate(path, body(lease))
+                if assembly.first_at is not None:
+                    self.rec.first_event(assembly.first_at)
+                if finish is not None:
+                    await finish(lease, assembly)
+                return assembly.answer()
 
         return await self.until_disconnected(_once_more_if_unreachable(work))
 

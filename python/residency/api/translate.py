@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic_core import to_json
 
+from residency.api.errors import ApiError
 from residency.api.schemas import ChatMessage, ChatRequest, GenerateRequest
 
 __all__ = [
@@ -138,8 +139,35 @@ def _message(m: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
+#: Ollama's thinking levels (gpt-oss): ``think: "low"`` etc.
+THINK_LEVELS = ("low", "medium", "high")
+
+
+def thinking_fields(think: bool | str | None) -> dict[str, Any]:
+    """Ollama's ``think`` in llama-server's fields: the chat template's ``enable_thinking``
+    switch, a level as ``reasoning_effort`` (gpt-oss's templates read it), and the thinking
+    returned apart from the answer (``reasoning_format: deepseek`` → ``reasoning_content``, which
+    becomes Ollama's ``thinking``). Unset: nothing, the template's default. Runners that know
+    none of these fields ignore them."""
+    if think is None:
+        return {}
+    if think is False:
+        return {"chat_template_kwargs": {"enable_thinking": False}}
+    if think is True:
+        return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_format": "deepseek"}
+    if think not in THINK_LEVELS:
+        levels = ", ".join(f'"{level}"' for level in THINK_LEVELS)
+        raise ApiError(400, f"think must be true, false, {levels}; got {think!r}")
+    return {
+        "chat_template_kwargs": {"enable_thinking": True},
+        "reasoning_effort": think,
+        "reasoning_format": "deepseek",
+    }
+
+
 def _common(req: ChatRequest | GenerateRequest, model: str) -> dict[str, Any]:
     body, _ = split_options(req.options)
+    body.update(thinking_fields(req.think))
     body["model"] = model
     body["stream"] = True  # always: the stream is how prompt and eval times are measured
     # Runners that can (llama-server, vLLM) then send exact token counts; others ignore it.

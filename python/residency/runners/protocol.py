@@ -21,6 +21,7 @@ from typing import Any
 from pydantic_core import from_json, to_json
 
 from residency.errors import ResidencyError, RunnerError
+from residency.runners.assemble import Assembly
 from residency.runners.http import (
     RunnerClient,
     StreamResponse,
@@ -30,6 +31,7 @@ from residency.runners.http import (
 )
 
 __all__ = [
+    "Assembly",
     "Body",
     "Embeddings",
     "Event",
@@ -183,6 +185,24 @@ class RunnerApi:
             await stream.aclose()
             raise
         return stream
+
+    async def generate(self, path: str, body: Mapping[str, Any]) -> Assembly:
+        """One generation (chat or completion) whose client wants the whole answer at once.
+
+        Asked of the runner as a stream and assembled (see runners.assemble): only a streamed
+        request is stopped by the runner when its connection closes, so a client that leaves
+        (or times out) never leaves the runner generating for nobody.
+        """
+        fields = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        events = await self.stream(path, fields)
+        answer = Assembly()
+        answer.first_at = events.first_at
+        try:
+            async for event, _ in events:
+                answer.add(event)
+        finally:
+            await events.aclose()
+        return answer
 
     async def embed(self, body: Body) -> Embeddings:
         """Embeddings for the body's ``input``; vectors in input order, pooled per input."""
