@@ -68,7 +68,7 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
 
     from residency.api import create_app
     from residency.api.protocol import protocol_with
-    from residency.runners.defaults import start_build_if_missing
+    from residency.runners.choice import start_build_if_missing
     from residency.scheduler import Scheduler
 
     # Built here, not in the lifespan: a bad model file fails with a clear message before
@@ -76,7 +76,7 @@ def serve(settings: Any, *, log_level: str = "info") -> int:
     scheduler = Scheduler(settings)
     app = create_app(settings, scheduler=scheduler)
     # runner "auto" and no llama-server yet: build it meanwhile (runners.build).
-    start_build_if_missing()
+    start_build_if_missing(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -33,6 +33,7 @@ from residency.runners._process import (
     group_has_live_members,
 )
 from residency.runners.http import RunnerClient, TransportError
+from residency.runners.kvcache import KvPersistence
 from residency.runners.protocol import RunnerApi
 
 __all__ = ["LOOPBACK", "LaunchSpec", "Runner", "free_port"]
@@ -63,8 +64,10 @@ class LaunchSpec:
     chat_format: str | None = None
     #: The command kind's argv template ({model}, {port}, ... placeholders).
     command: Sequence[str] | None = None
-    #: llama-server's binary; None: the one on PATH.
+    #: llama-server's binary (the settings' `llama_server`); None: PATH, then residency's build.
     binary: str | None = None
+    #: llama-server's KV persistence (saved slots across stops); None: off.
+    kv: KvPersistence | None = None
     #: Flash attention on/off; None: the kind's default (llama-server: auto; on for a quantised KV).
     flash_attention: bool | None = None
     #: The registry's details of the model file (family, has_chat_template).
@@ -122,9 +125,16 @@ class Runner(ABC):
 
     @classmethod
     def estimate_options(
-        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+        cls,
+        *,
+        ctx: int,
+        parallel: int,
+        kv_type: str,
+        embedding: bool | None,
+        kv_persist: bool = False,
     ) -> dict[str, Any]:
-        """residency.estimate's options for the memory this kind's process will allocate.
+        """residency.estimate's options for the memory this kind's process will allocate
+        (`kv_persist`: its LaunchSpec will carry a ``kv``).
 
         A kind that does not run llama.cpp in a known way (the command kind) is estimated as
         llama-cpp-python would load the file; give such a model a `memory` to reserve instead.

@@ -34,16 +34,34 @@ from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from residency.runners.defaults import KvPersistence
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import Body
 
-__all__ = ["KV_STATS", "KvStats", "SlotPersistence", "cache_key", "kv_stats_json"]
+__all__ = [
+    "KV_STATS",
+    "KvPersistence",
+    "KvStats",
+    "SlotPersistence",
+    "cache_key",
+    "kv_stats_json",
+]
 
 log = logging.getLogger(__name__)
 
 _COMPLETIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 _JSON = {"content-type": "application/json"}
+
+
+@dataclass(frozen=True)
+class KvPersistence:
+    """One llama-server runner's KV persistence (its LaunchSpec's ``kv``; runners.choice makes
+    it from the settings): where slots are saved, how many bytes may stay, how long a stop waits."""
+
+    directory: Path
+    #: Files beyond this many bytes are removed, least recently used first.
+    budget_bytes: int = 4 << 30
+    #: The longest a stop waits for saves; what is unsaved by then is skipped (see README).
+    save_timeout_s: float = 5.0
 
 
 @dataclass
@@ -112,7 +130,7 @@ class SlotPersistence:
         self.model = model
         self.key = key
         self.config = config
-        self.directory = config.path()
+        self.directory = config.directory
         self._slots = slots
         self._prefix = f"{_safe(model)}-{key}-"
         self._candidates: list[_Saved] | None = None  # read at the first request

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 from residency.errors import ConfigError
 from residency.llamacpp import KV_CACHE_TYPES, needs_flash_attn, slots_ctx_size
-from residency.runners import defaults
 from residency.runners.base import LOOPBACK, LaunchSpec, Runner
 from residency.runners.build import find_llama_server
 from residency.runners.kvcache import SlotPersistence, cache_key
@@ -77,7 +76,13 @@ class LlamaCppPythonRunner(Runner):
 
     @classmethod
     def estimate_options(
-        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+        cls,
+        *,
+        ctx: int,
+        parallel: int,
+        kv_type: str,
+        embedding: bool | None,
+        kv_persist: bool = False,
     ) -> dict[str, Any]:
         if embedding is None:
             embedding = cls.default_embedding
@@ -161,9 +166,9 @@ class LlamaServerRunner(Runner):
 
     def __init__(self, spec: LaunchSpec, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
-        kv = defaults.current().kv
+        kv = spec.kv
         self.kv: SlotPersistence | None = None
-        if kv.enabled_for(spec.name):
+        if kv is not None:
             key = cache_key(spec.model_path, ctx=spec.ctx, kv_type=spec.kv_type, args=spec.args)
             self.kv = SlotPersistence(
                 self.client, model=spec.name, key=key, config=kv, slots=spec.parallel
@@ -172,19 +177,24 @@ class LlamaServerRunner(Runner):
 
     @classmethod
     def estimate_options(
-        cls, *, ctx: int, parallel: int, kv_type: str, embedding: bool | None
+        cls,
+        *,
+        ctx: int,
+        parallel: int,
+        kv_type: str,
+        embedding: bool | None,
+        kv_persist: bool = False,
     ) -> dict[str, Any]:
         return llama_server_estimate_options(
             ctx=ctx,
             parallel=parallel,
             kv_type=kv_type,
             embedding=cls.default_embedding if embedding is None else embedding,
-            # KV persistence runs it with --swa-full (a model opted out is overestimated a bit).
-            swa_full=defaults.current().kv.enabled,
+            swa_full=kv_persist,  # KV persistence runs it with --swa-full
         )
 
     def binary(self) -> Path:
-        found = find_llama_server(self.spec.binary or defaults.current().llama_server)
+        found = find_llama_server(self.spec.binary)
         if found is None:
             raise ConfigError(
                 f"model {self.spec.name!r} uses runner 'llama-server', but none is configured, "

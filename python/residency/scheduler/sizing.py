@@ -17,6 +17,7 @@ from residency.errors import EstimateError
 from residency.keepalive import parse_keep_alive
 from residency.registry import ModelEntry
 from residency.runners import runner_class
+from residency.runners.choice import resolve_kind
 from residency.scheduler.lease import LoadOptions
 
 __all__ = ["Sizing", "gib"]
@@ -127,7 +128,7 @@ class Sizing:
         if (
             layers >= 0
             or budget is None
-            or not runner_class(entry.runner).supports_offload
+            or not runner_class(resolve_kind(entry.runner, self.settings)).supports_offload
             or entry.config.memory is not None
         ):
             return None
@@ -150,11 +151,12 @@ class Sizing:
 
     def estimate_options(self, entry: ModelEntry, want: LoadOptions) -> dict[str, Any]:
         """The estimator's options for the command line the runner kind will use (its own)."""
-        return runner_class(entry.runner).estimate_options(
+        return runner_class(resolve_kind(entry.runner, self.settings)).estimate_options(
             ctx=want.ctx,
             parallel=want.parallel,
             kv_type=want.kv_type,
             embedding=entry.config.embedding,
+            kv_persist=self.settings.kv_persist and entry.config.kv_persist,
         )
 
 
