@@ -86,6 +86,7 @@ async def test_llama_server_command_line(tmp_path: Path, monkeypatch: pytest.Mon
     assert flag(argv, "--n-gpu-layers") == "999"
     assert flag(argv, "--cache-type-k") == "f16"
     assert flag(argv, "--verbosity") == "4"  # the buffer lines are logged at "trace"
+    assert flag(argv, "--cache-ram") == "0"  # no host prompt cache beside the budgeted memory
     assert flag(argv, "--slot-save-path") == str(tmp_path / "kv")
     assert (tmp_path / "kv").is_dir()
     assert "--embeddings" in argv  # it serves completions alongside, so /api/embed works

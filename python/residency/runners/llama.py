@@ -227,6 +227,10 @@ class LlamaServerRunner(Runner):
             # llama.cpp logs its buffer lines at "trace" (4): how the runner reports its memory.
             "--verbosity",
             "4",
+            # Its host-RAM prompt cache (default 8 GiB per runner) is memory no estimate counts,
+            # and with idle-slot caching it may clear a slot whose KV we would save at stop.
+            "--cache-ram",
+            "0",
         ]
         if s.flash_attention is not None:  # else its own "auto"
             argv += ["--flash-attn", "on" if s.flash_attention else "off"]
