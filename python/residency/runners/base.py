@@ -33,7 +33,7 @@ from residency.runners._process import (
     group_has_live_members,
 )
 from residency.runners.http import RunnerClient, TransportError
-from residency.runners.kvcache import KvPersistence
+from residency.runners.kvfiles import KvPersistence
 from residency.runners.protocol import RunnerApi
 
 __all__ = ["LOOPBACK", "LaunchSpec", "Runner", "free_port"]

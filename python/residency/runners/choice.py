@@ -13,7 +13,7 @@ from pathlib import Path
 from residency.config_model import ModelConfig
 from residency.config_runners import RunnerSettings
 from residency.runners.build import find_llama_server
-from residency.runners.kvcache import KvPersistence
+from residency.runners.kvfiles import KvPersistence
 
 __all__ = ["kv_persistence", "resolve_kind", "start_build_if_missing"]
 

@@ -169,7 +169,13 @@ class LlamaServerRunner(Runner):
         kv = spec.kv
         self.kv: SlotPersistence | None = None
         if kv is not None:
-            key = cache_key(spec.model_path, ctx=spec.ctx, kv_type=spec.kv_type, args=spec.args)
+            try:
+                binary: Path | None = self.binary()
+            except ConfigError:
+                binary = None  # argv() says why
+            key = cache_key(
+                spec.model_path, ctx=spec.ctx, kv_type=spec.kv_type, args=spec.args, binary=binary
+            )
             self.kv = SlotPersistence(
                 self.client, model=spec.name, key=key, config=kv, slots=spec.parallel
             )
