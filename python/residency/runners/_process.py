@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +23,11 @@ __all__ = [
     "LOOPBACK",
     "OutputPipe",
     "die_with_parent",
+    "exit_text",
     "free_port",
     "group_has_live_members",
+    "progress_of",
+    "spawn_with_parent_death",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -52,12 +58,19 @@ class OutputPipe:
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        #: Read each burst at once, not a moment later: while a load waits for the line that
+        #: says the runner is ready (Runner.ready_marker), no request is being served.
+        self.eager = False
         os.set_blocking(fd, False)
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # Linux; capped by pipe-max-size
         self._loop.add_reader(fd, self._readable)
 
     def _readable(self) -> None:
+        if self.eager:
+            if not self._read_available():
+                self.close()
+            return
         self._loop.remove_reader(self._fd)
         self._timer = self._loop.call_later(self.BATCH_DELAY_S, self._drain)
 
@@ -132,6 +145,42 @@ def die_with_parent() -> None:
     _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's `setpriv`, if it can set the parent-death signal here (checked once)."""
+    found = shutil.which("setpriv")
+    if found is None:
+        return None
+    probe = [found, "--pdeathsig", "KILL", "--", "true"]
+    try:
+        done = subprocess.run(probe, capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found if done.returncode == 0 else None
+
+
+def spawn_with_parent_death(
+    argv: list[str], path: str | None
+) -> tuple[list[str], Callable[[], None] | None]:
+    """The argv and preexec_fn that start `argv` so it dies with this process (die_with_parent).
+
+    `setpriv --pdeathsig KILL --` sets the signal and execs the runner in place (same pid, same
+    group); without a preexec_fn, Python spawns with vfork instead of fork, which does not copy
+    this process's page tables: 1-2 ms instead of 10-40 ms for a serving residency process, on
+    every runner start. Where setpriv cannot do it, the preexec_fn does the same. A program not
+    found (on `path`, the child's PATH) raises FileNotFoundError here, as a direct spawn would.
+    """
+    if not CAN_DIE_WITH_PARENT:
+        return argv, None
+    setpriv = _setpriv()
+    if setpriv is None:
+        return argv, die_with_parent
+    program = shutil.which(argv[0], path=path)
+    if program is None:
+        raise FileNotFoundError(f"no such executable: {argv[0]!r}")
+    return [setpriv, "--pdeathsig", "KILL", "--", program, *argv[1:]], None
+
+
 def group_has_live_members(pgid: int) -> bool:
     """Whether any non-zombie process is in group `pgid` (scans /proc; used only while stopping)."""
     with os.scandir("/proc") as entries:  # closed on the early return too
@@ -145,3 +194,32 @@ def group_has_live_members(pgid: int) -> bool:
             if len(stat) > 2 and int(stat[2]) == pgid and stat[0] != "Z":
                 return True
     return False
+
+
+def exit_text(returncode: int | None) -> str:
+    """How a process ended, for people: "exit code 1", "signal SIGKILL"."""
+    if returncode is None:
+        return "no exit code"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def progress_of(pid: int | None) -> tuple[int, ...]:
+    """CPU ticks and I/O bytes of a process: a busy load changes them; () if unreadable."""
+    if pid is None:
+        return ()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(stat[11]) + int(stat[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return ()
+    try:
+        io = Path(f"/proc/{pid}/io").read_text().split()
+        rchar = int(io[1])
+    except (OSError, IndexError, ValueError):
+        rchar = 0
+    return (ticks, rchar)

@@ -160,6 +160,8 @@ class LlamaServerRunner(Runner):
     kind: ClassVar[str] = "llama-server"
     supports_offload: ClassVar[bool] = True
     default_health_path: ClassVar[str] = "/health"  # 503 while loading, 200 when ready
+    # Printed right after /health turns 200 ("llama_server: model loaded").
+    ready_marker: ClassVar[str | None] = "model loaded"
     # With --embeddings this llama-server still serves completions (checked with the vendored
     # build and Gemma 3 270M), so /api/embed works with any model, as in Ollama.
     default_embedding: ClassVar[bool] = True
