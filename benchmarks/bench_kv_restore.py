@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from residency.config import load_settings
 from residency.embedded import default_model_path
 from residency.runners import LaunchSpec, LlamaServerRunner
 from residency.runners.build import find_llama_server
-from residency.runners.kvcache import KV_STATS
+from residency.runners.kvcache import KV_STATS, KvPersistence
 
 MODEL = "bench-kv"
 TOPICS = ["rivers", "mountains", "deserts", "forests", "oceans", "glaciers", "islands", "caves"]
@@ -62,13 +61,15 @@ def conversation(target_tokens: int) -> list[dict[str, str]]:
     return messages
 
 
-def spec(ctx: int) -> LaunchSpec:
+def spec(ctx: int, kv: KvPersistence | None) -> LaunchSpec:
     path = default_model_path()
-    return LaunchSpec(name=MODEL, model_path=path, ctx=ctx, parallel=1, kv_type="f16", gpu_layers=0)
+    return LaunchSpec(
+        name=MODEL, model_path=path, ctx=ctx, parallel=1, kv_type="f16", gpu_layers=0, kv=kv
+    )
 
 
-async def started(ctx: int) -> LlamaServerRunner:
-    runner = LlamaServerRunner(spec(ctx))
+async def started(ctx: int, kv: KvPersistence | None) -> LlamaServerRunner:
+    runner = LlamaServerRunner(spec(ctx, kv))
     await runner.start()
     await runner.wait_ready(300)
     return runner
@@ -112,9 +113,8 @@ async def main() -> None:
     ctx = max(2048, int(args.tokens * 1.5))
     history = conversation(args.tokens)
     with tempfile.TemporaryDirectory() as kv_dir:
-        on = {"runner": "llama-server", "kv_dir": Path(kv_dir), "kv_budget": 8 << 30}
-        load_settings(**on)
-        first = await started(ctx)
+        on = KvPersistence(directory=Path(kv_dir), budget_bytes=8 << 30)
+        first = await started(ctx, on)
         # The chat up to its last question, as it was served: what the saved slot holds. The
         # next turns add the answer (given here) and a new question.
         context_tokens = await prompt_tokens(first, history[:-1])
@@ -125,8 +125,7 @@ async def main() -> None:
             turn = [*history, {"role": "user", "content": f"Question {rep}: which was lesson 0?"}]
             order = ("restore", "prefill") if rep % 2 == 0 else ("prefill", "restore")
             for mode in order:
-                load_settings(**on, kv_persist=mode == "restore")
-                runner = await started(ctx)
+                runner = await started(ctx, on if mode == "restore" else None)
                 try:
                     took, cached = await ttft(runner, turn)
                 finally:

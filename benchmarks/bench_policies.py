@@ -24,6 +24,11 @@ candidate ÷ baseline; the targets are the issue's, and ``targets_met`` says whe
 keep-alive, the one whose file the host tier holds warm leaves first (its reload reads no disk),
 then the least recently used.
 
+Conversations (issue 13): a trace of multi-turn chats with growing context on small models
+(0.25–4 GB, the size class the cost model is calibrated on: sim.conversations), replayed through
+the candidate with KV persistence off (every turn on a new runner prefills its whole context, as
+Ollama does) and on (the slots saved at the stop are restored). Reported under ``conversation_``.
+
 Run: ``python benchmarks/bench_policies.py [--quick] [--policy gdsf|tiered]``. Last line: JSON.
 """
 
@@ -95,6 +100,40 @@ def row(name: str, label: str, r: SimResult) -> str:
     )
 
 
+#: The conversation trace: small models, chats of 8 turns on average adding ~400 tokens a turn.
+CONVERSATIONS = {"alpha": 1.0, "cv": 2.0, "turns_mean": 8.0, "turn_tokens_mean": 400.0,
+                 "min_gb": 0.25, "max_gb": 4.0, "n_models": 8, "total_rate": 0.1}  # fmt: skip
+
+
+def conversations(n: int, policy: str, engine_start_s: float, host_gbps: float) -> dict[str, Any]:
+    """The conversation trace with KV persistence off and on: first-token figures, both ways."""
+    trace = make_trace(TraceConfig(n_requests=n, seed=11, disk_gb_per_s=2.0, **CONVERSATIONS))
+    common = {"host_cache_x": 2.0, "host_gb_per_s": host_gbps, "engine_start_s": engine_start_s}
+    runs = {
+        persist: simulate(
+            trace, SimConfig(policy=policy, host_tier="managed", kv_persist=persist, **common)
+        )
+        for persist in (False, True)
+    }
+    print("\n-- conversations (disk 2 GB/s, host 2x): KV persistence off, on")
+    for persist, r in runs.items():
+        assert r.served + r.rejected == r.requests == len(trace), r
+        print(row("conversation", "kv restore" if persist else "prefill", r)
+              + f"  context {r.context_s:.0f} s ({r.context_prefills} prefills, "
+              f"{r.context_restores} restores)")  # fmt: skip
+    off, on = runs[False], runs[True]
+    return {
+        "conversation_ttft_mean_s_prefill": round(off.ttft_mean_s, 3),
+        "conversation_ttft_mean_s_restore": round(on.ttft_mean_s, 3),
+        "conversation_ttft_mean_ratio": round(on.ttft_mean_s / off.ttft_mean_s, 4),
+        "conversation_ttft_p99_s_prefill": round(off.ttft_p99_s, 3),
+        "conversation_ttft_p99_s_restore": round(on.ttft_p99_s, 3),
+        "conversation_context_s_prefill": round(off.context_s, 1),
+        "conversation_context_s_restore": round(on.context_s, 1),
+        "conversation_cold_turns": off.context_prefills,
+    }
+
+
 def geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
@@ -138,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, field in RATIOS.items():
                 entry[key] = getattr(cand, field) / getattr(base, field)
             summary.append(entry)
+    conversation = conversations(n, args.policy, args.engine_start, args.host_gbps)
     elapsed = time.perf_counter() - started
     print(f"\n{'scenario':<13}{'config':<34}" + "".join(f"{k + ' ×':>15}" for k in RATIOS))
     for e in summary:
@@ -159,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets_met"] = not result["not_met"]
     result["requests_per_scenario"] = n
     result["candidate"] = f"affinity+{args.policy}+managed host tier"
+    result.update(conversation)
     result["elapsed_s"] = round(elapsed, 1)
     print(f"elapsed {elapsed:.1f} s")
     print(json.dumps(result))

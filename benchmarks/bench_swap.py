@@ -116,7 +116,8 @@ def main() -> None:
         write_llama(models / "tiny.gguf", n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256)
         config = tmp / "residency.toml"
         # The same runner flags both ways: residency's defaults (embeddings with mean pooling,
-        # llama.cpp's built-in gemma template for GGUFs without one) given to the router too.
+        # llama.cpp's built-in gemma template for GGUFs without one, no host prompt cache)
+        # given to the router too.
         config.write_text(
             f'runner = "llama-server"\nllama_server = "{binary}"\nmax_loaded_models = 1\n'
             f'default_ctx = {CTX}\nkv_persist = false\nkeep_alive = "-1"\n'
@@ -135,7 +136,7 @@ def main() -> None:
         router_argv = [str(binary), "--models-dir", str(models), "--models-max", "1",
                        "--ctx-size", str(CTX), "--parallel", "1", "--host", "127.0.0.1",
                        "--embeddings", "--pooling", "mean", "--no-jinja", "--chat-template",
-                       "gemma",
+                       "gemma", "--cache-ram", "0",
                        "--port", str(router_port)]  # fmt: skip
         swaps: dict[tuple[str, str], list[float]] = {}
         warm: dict[str, list[float]] = {"residency": [], "router": []}

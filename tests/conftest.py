@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -26,14 +25,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def _runner_defaults() -> Iterator[None]:
-    """Settings set the runner kinds' process-wide defaults: each test starts from the built-in
-    ones and leaves them so."""
-    from residency.runners import defaults
-
-    defaults.configure(defaults.RunnerDefaults())
-    yield
-    defaults.configure(defaults.RunnerDefaults())

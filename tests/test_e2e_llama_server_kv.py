@@ -4,11 +4,14 @@ A conversation's model is evicted by another model between turns; the next turn 
 the slot saved before the eviction — proved by llama-server's own count of cached prompt tokens
 (`usage.prompt_tokens_details.cached_tokens`), which a fresh runner reports as 0. Restores that
 do not match (other options, a changed model file) are not used; a broken file degrades to a
-normal prefill; the disk budget holds.
+normal prefill; the disk budget holds. A slot still generating at the stop is saved once it
+stops, within the save bound; a truncated file (which would abort llama-server) is caught first.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
@@ -20,7 +23,9 @@ import pytest
 from estimate_models import write_llama
 from llama_server_fixtures import Server, require_llama_server, start_server
 from residency.embedded import default_model_path
-from residency.runners.kvcache import enforce_budget
+from residency.runners import LaunchSpec, LlamaServerRunner
+from residency.runners.kvcache import KV_STATS, KvPersistence, enforce_budget
+from residency.runners.protocol import EventStream
 
 require_llama_server()
 
@@ -145,6 +150,25 @@ def test_a_broken_saved_file_degrades_to_a_prefill(server: Server) -> None:
     assert _cached(answer) == 0
     assert _kv(server, "chat")["failed"] == failed + 1
     assert "prefilling instead" in server.log(20000)
+    assert not newest.exists()  # never tried again
+
+
+def test_a_truncated_saved_file_is_caught_before_llama_server_reads_it(server: Server) -> None:
+    """A slot file cut short keeps a valid header; handed to llama-server it aborts the runner
+    (SIGABRT, checked with the vendored build). Its sidecar's size and CRC-32 catch it first."""
+    messages = _turns(server, "chat")
+    _evict(server, "chat")
+    failed = _kv(server, "chat").get("failed", 0)
+    newest = max(_files(server, "chat"), key=lambda p: p.stat().st_mtime)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    answer = server.chat("chat", messages)
+    assert answer["choices"][0]["message"]["content"] is not None
+    assert _cached(answer) == 0  # a prefill
+    assert _kv(server, "chat")["failed"] == failed + 1
+    assert not newest.exists()
+    assert "size or CRC-32 differs" in server.log(20000)
+    assert "exited" not in server.log(20000)  # the runner never saw the file
 
 
 def test_the_disk_budget_holds(server: Server, tmp_path: Path) -> None:
@@ -159,3 +183,57 @@ def test_the_disk_budget_holds(server: Server, tmp_path: Path) -> None:
     enforce_budget(tmp_path, 2000)
     assert sorted(p.name[-5:] for p in tmp_path.glob("*.bin")) == ["1.bin", "2.bin"]
     assert not (tmp_path / f"m-{'0' * 16}-{0:016x}.json").exists()
+
+
+# ---- the stop path, on one runner ---------------------------------------------------------------
+def _runner(tmp_path: Path, name: str, save_timeout_s: float) -> LlamaServerRunner:
+    kv = KvPersistence(directory=tmp_path / "kv", save_timeout_s=save_timeout_s)
+    spec = LaunchSpec(name=name, model_path=default_model_path(), ctx=1024, parallel=1,
+                      kv_type="f16", gpu_layers=0, kv=kv)  # fmt: skip
+    return LlamaServerRunner(spec)
+
+
+async def _generating(runner: LlamaServerRunner, max_tokens: int) -> EventStream:
+    """A streamed request still generating (EOS ignored) once its first event arrived."""
+    await runner.start()
+    await runner.wait_ready(120)
+    body = {
+        "messages": [{"role": "user", "content": "Count to one hundred."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    stream = await runner.api.stream("/v1/chat/completions", body)
+    slots = json.loads((await runner.client.get("/slots")).content)
+    assert slots[0]["is_processing"], slots
+    return stream
+
+
+async def test_a_slot_still_generating_at_stop_is_saved_when_it_stops(tmp_path: Path) -> None:
+    runner = _runner(tmp_path, "kv-generating", save_timeout_s=60)
+    stream = await _generating(runner, max_tokens=32)
+    try:
+        await runner.stop()  # llama-server defers the save until the generation ends
+    finally:
+        await stream.aclose()
+    assert KV_STATS.of("kv-generating").saved == 1
+    [meta] = (tmp_path / "kv").glob("*.json")
+    saved = json.loads(meta.read_text())
+    # The prompt and the 32 generated tokens: the whole conversation so far.
+    assert saved["tokens"] >= 32 + 10, saved
+
+
+async def test_a_slot_generating_past_the_save_bound_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = _runner(tmp_path, "kv-bounded", save_timeout_s=0.5)
+    stream = await _generating(runner, max_tokens=900)
+    try:
+        with caplog.at_level(logging.WARNING):
+            await runner.stop(0)  # as an eviction stops it: SIGKILL once the saves are done
+    finally:
+        await stream.aclose()
+    assert "took over 0.5 s: the rest skipped" in caplog.text
+    assert KV_STATS.of("kv-bounded").saved == 0
+    assert not list((tmp_path / "kv").glob("*.json"))

@@ -19,6 +19,7 @@ from residency.runners import (
     Runner,
     runner_class,
 )
+from residency.runners.kvcache import KvPersistence
 from scheduler_helpers import FAKE_RUNNER, alive, eventually, group_members
 
 
@@ -73,11 +74,11 @@ async def test_llama_cpp_python_command_line() -> None:
 async def test_llama_server_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESIDENCY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    load_settings(kv_dir=tmp_path / "kv")
     binary = tmp_path / "llama-server"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    r = LlamaServerRunner(spec(device="cuda:0", binary=str(binary)))
+    kv = KvPersistence(directory=tmp_path / "kv")
+    r = LlamaServerRunner(spec(device="cuda:0", binary=str(binary), kv=kv))
     argv = r.argv()
     assert argv[0] == str(binary)
     assert flag(argv, "--ctx-size") == "4096"  # shared by 2 slots of 2048
@@ -85,6 +86,7 @@ async def test_llama_server_command_line(tmp_path: Path, monkeypatch: pytest.Mon
     assert flag(argv, "--n-gpu-layers") == "999"
     assert flag(argv, "--cache-type-k") == "f16"
     assert flag(argv, "--verbosity") == "4"  # the buffer lines are logged at "trace"
+    assert flag(argv, "--cache-ram") == "0"  # no host prompt cache beside the budgeted memory
     assert flag(argv, "--slot-save-path") == str(tmp_path / "kv")
     assert (tmp_path / "kv").is_dir()
     assert "--embeddings" in argv  # it serves completions alongside, so /api/embed works
@@ -92,12 +94,32 @@ async def test_llama_server_command_line(tmp_path: Path, monkeypatch: pytest.Mon
     missing = LlamaServerRunner(spec(binary=None))
     with pytest.raises(ConfigError, match="none is configured, on PATH or built"):
         missing.argv()
-    load_settings(kv_persist=False)
-    plain = LlamaServerRunner(spec(binary=str(binary)))
+    plain = LlamaServerRunner(spec(binary=str(binary)))  # no kv: persistence off
     assert "--slot-save-path" not in plain.argv()
+    assert "--swa-full" not in plain.argv()
     await plain.client.aclose()
     await r.client.aclose()
     await missing.client.aclose()
+
+
+def test_kv_settings_reach_each_launch_spec(tmp_path: Path) -> None:
+    """The settings decide a launch's KV persistence per model; two Settings never mix."""
+    from residency.config_model import ModelConfig
+    from residency.runners.choice import kv_persistence
+
+    on = ModelConfig(name="a", path=tmp_path / "a.gguf")
+    off = ModelConfig(name="b", path=tmp_path / "b.gguf", kv_persist=False)
+    settings = load_settings(kv_dir=tmp_path / "kv", kv_budget=1 << 20, kv_save_timeout_s=2)
+    assert kv_persistence(settings, on) == KvPersistence(tmp_path / "kv", 1 << 20, 2.0)
+    assert kv_persistence(settings, off) is None
+    assert kv_persistence(load_settings(kv_persist=False), on) is None
+    assert kv_persistence(settings, on) == KvPersistence(tmp_path / "kv", 1 << 20, 2.0)
+    # The estimate follows the same choice: --swa-full only where slots are saved.
+    for persist in (True, False):
+        opts = LlamaServerRunner.estimate_options(
+            ctx=1024, parallel=1, kv_type="f16", embedding=None, kv_persist=persist
+        )
+        assert opts["swa_full"] is persist
 
 
 async def test_command_template_placeholders() -> None:
@@ -274,16 +296,15 @@ async def test_output_is_read_in_batches_without_losing_or_blocking() -> None:
 def test_auto_prefers_configured_then_path_then_the_build(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from residency.runners import runner_class
     from residency.runners.build import cache_dir
-    from residency.runners.defaults import _State
+    from residency.runners.choice import resolve_kind, start_build_if_missing
 
     monkeypatch.setenv("RESIDENCY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    monkeypatch.setattr(_State, "fallback_logged", False)
-    load_settings()
+    settings = load_settings(build_runner=False)
+    assert resolve_kind("auto", settings) == "llama-cpp-python"
     with caplog.at_level("WARNING"):
-        assert runner_class("auto") is LlamaCppPythonRunner
+        assert start_build_if_missing(settings) is False  # `serve` says how to get one
     assert "no llama-server found" in caplog.text
     assert "residency build-runner" in caplog.text
 
@@ -294,7 +315,7 @@ def test_auto_prefers_configured_then_path_then_the_build(
         return path
 
     built = executable(cache_dir() / "bin" / "llama-server")
-    assert runner_class("auto") is LlamaServerRunner
+    assert resolve_kind("auto", settings) == "llama-server"
     on_path = executable(tmp_path / "bin" / "llama-server")
     configured = executable(tmp_path / "mine" / "llama-server")
     from residency.runners.build import find_llama_server
@@ -303,8 +324,10 @@ def test_auto_prefers_configured_then_path_then_the_build(
     assert find_llama_server(str(configured)) == configured
     on_path.unlink()
     assert find_llama_server() == built
-    # A forced kind wins over what is found.
-    load_settings(runner="llama-cpp-python")
-    assert runner_class("auto") is LlamaCppPythonRunner
+    # A forced kind wins over what is found; a model's own kind over the settings'.
+    forced = load_settings(runner="llama-cpp-python")
+    assert resolve_kind("auto", forced) == "llama-cpp-python"
+    assert resolve_kind("llama-server", forced) == "llama-server"
+    assert runner_class(resolve_kind("auto", settings)) is LlamaServerRunner
     with pytest.raises(ConfigError, match="not an executable file"):
         find_llama_server(str(tmp_path / "nope"))

@@ -144,25 +144,9 @@ class Settings(
     sched_spread: bool = Field(default=False, validation_alias=_alias("sched_spread"))
 
     @model_validator(mode="after")
-    def _configure_runners(self) -> Settings:
-        from residency.runners.defaults import KvPersistence, RunnerDefaults, configure
-
+    def _runner_is_not_command(self) -> Settings:
         if self.runner == "command":
             raise ValueError("runner: 'command' is per model (it needs a `command` template)")
-        configure(
-            RunnerDefaults(
-                runner=self.runner,
-                llama_server=self.llama_server,
-                build_runner=self.build_runner,
-                kv=KvPersistence(
-                    enabled=self.kv_persist,
-                    directory=self.kv_dir,
-                    budget_bytes=self.kv_budget,
-                    save_timeout_s=self.kv_save_timeout_s,
-                    disabled_models=frozenset(m.name for m in self.models if not m.kv_persist),
-                ),
-            )
-        )
         return self
 
     @model_validator(mode="before")

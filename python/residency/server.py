@@ -76,7 +76,7 @@ def serve(
 
     from residency.api import create_app
     from residency.api.protocol import protocol_with
-    from residency.runners.defaults import start_build_if_missing
+    from residency.runners.choice import start_build_if_missing
     from residency.scheduler import Scheduler
 
     # Built here, not in the lifespan: a bad model file fails with a clear message before
@@ -84,7 +84,7 @@ def serve(
     scheduler = Scheduler(settings)
     app = create_app(settings, scheduler=scheduler, reload_settings=reload_settings)
     # runner "auto" and no llama-server yet: build it meanwhile (runners.build).
-    start_build_if_missing()
+    start_build_if_missing(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from residency.errors import ConfigError
 from residency.runners.base import LaunchSpec, Runner, free_port
 from residency.runners.command import CommandRunner
-from residency.runners.defaults import resolve_auto
 from residency.runners.llama import LlamaCppPythonRunner, LlamaServerRunner
 
 __all__ = [
@@ -26,9 +25,7 @@ RUNNER_KINDS: dict[str, type[Runner]] = {
 
 
 def runner_class(kind: str) -> type[Runner]:
-    """The class for a configured runner kind; "auto" is resolved now (defaults.resolve_auto)."""
-    if kind == "auto":
-        kind = resolve_auto()
+    """The class for a runner kind ("auto" is resolved first: runners.choice.resolve_kind)."""
     try:
         return RUNNER_KINDS[kind]
     except KeyError:

@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import re
 import select
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +25,10 @@ __all__ = [
     "ExitWatch",
     "OutputPipe",
     "die_with_parent",
+    "exit_text",
     "free_port",
     "group_has_live_members",
+    "spawn_with_parent_death",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -54,12 +59,19 @@ class OutputPipe:
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        #: Read each burst at once, not a moment later: while a load waits for the line that
+        #: says the runner is ready (Runner.ready_marker), no request is being served.
+        self.eager = False
         os.set_blocking(fd, False)
         with contextlib.suppress(OSError, AttributeError):
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # Linux; capped by pipe-max-size
         self._loop.add_reader(fd, self._readable)
 
     def _readable(self) -> None:
+        if self.eager:
+            if not self._read_available():
+                self.close()
+            return
         self._loop.remove_reader(self._fd)
         self._timer = self._loop.call_later(self.BATCH_DELAY_S, self._drain)
 
@@ -134,6 +146,42 @@ def die_with_parent() -> None:
     _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's `setpriv`, if it can set the parent-death signal here (checked once)."""
+    found = shutil.which("setpriv")
+    if found is None:
+        return None
+    probe = [found, "--pdeathsig", "KILL", "--", "true"]
+    try:
+        done = subprocess.run(probe, capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found if done.returncode == 0 else None
+
+
+def spawn_with_parent_death(
+    argv: list[str], path: str | None
+) -> tuple[list[str], Callable[[], None] | None]:
+    """The argv and preexec_fn that start `argv` so it dies with this process (die_with_parent).
+
+    `setpriv --pdeathsig KILL --` sets the signal and execs the runner in place (same pid, same
+    group); without a preexec_fn, Python spawns with vfork instead of fork, which does not copy
+    this process's page tables: 1-2 ms instead of 10-40 ms for a serving residency process, on
+    every runner start. Where setpriv cannot do it, the preexec_fn does the same. A program not
+    found (on `path`, the child's PATH) raises FileNotFoundError here, as a direct spawn would.
+    """
+    if not CAN_DIE_WITH_PARENT:
+        return argv, None
+    setpriv = _setpriv()
+    if setpriv is None:
+        return argv, die_with_parent
+    program = shutil.which(argv[0], path=path)
+    if program is None:
+        raise FileNotFoundError(f"no such executable: {argv[0]!r}")
+    return [setpriv, "--pdeathsig", "KILL", "--", program, *argv[1:]], None
+
+
 def group_has_live_members(pgid: int) -> bool:
     """Whether any non-zombie process is in group `pgid` (scans /proc; used only while stopping)."""
     with os.scandir("/proc") as entries:  # closed on the early return too
@@ -175,3 +223,15 @@ class ExitWatch:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = self._poll = None
+
+
+def exit_text(returncode: int | None) -> str:
+    """How a process ended, for people: "exit code 1", "signal SIGKILL"."""
+    if returncode is None:
+        return "no exit code"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"

@@ -23,13 +23,13 @@ from residency.errors import RunnerError
 from residency.llamacpp import is_gpu_buffer, parse_buffer_line, parse_offload_line
 from residency.memory import runner_gpu_environment
 from residency.runners._process import (
-    CAN_DIE_WITH_PARENT,
     LOOPBACK,
     ExitWatch,
     OutputPipe,
-    die_with_parent,
+    exit_text,
     free_port,
     group_has_live_members,
+    spawn_with_parent_death,
 )
 from residency.runners.http import RunnerClient, TransportError
 from residency.runners.protocol import RunnerApi
@@ -50,6 +50,9 @@ class Runner(ABC):
     default_health_path: ClassVar[str] = "/v1/models"
     #: Whether it serves embeddings when the model's config does not say (LaunchSpec.embedding).
     default_embedding: ClassVar[bool] = False
+    #: Text of the output line the kind prints once its health endpoint answers 200: wait_ready
+    #: polls at once instead of at its next tick (a false match costs one poll). None: ticks only.
+    ready_marker: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -84,6 +87,8 @@ class Runner(ABC):
         self._waiter: asyncio.Task[None] | None = None
         self._exit_watch: ExitWatch | None = None
         self._exited = asyncio.Event()
+        #: Set by an exit or the ready marker: wait_ready polls now.
+        self._wake = asyncio.Event()
         self._stopping = False
         self._last_output_s = 0.0
         self.started_at_s = 0.0
@@ -103,8 +108,10 @@ class Runner(ABC):
         kv_type: str,
         embedding: bool | None,
         flash_attention: bool | None = None,
+        kv_persist: bool = False,
     ) -> dict[str, Any]:
-        """residency.estimate's options for the memory this kind's process will allocate.
+        """residency.estimate's options for the memory this kind's process will allocate
+        (`kv_persist`: its LaunchSpec will carry a ``kv``).
 
         A kind that does not run llama.cpp in a known way (the command kind) is estimated as
         llama-cpp-python would load the file; give such a model a `memory` to reserve instead.
@@ -168,16 +175,18 @@ class Runner(ABC):
         log.info("starting %s runner for %s: %s", self.kind, self.spec.name, argv)
         self.started_at_s = time.monotonic()
         self._last_output_s = self.started_at_s
+        env = self.environment()
         read_fd, write_fd = os.pipe()
         try:
+            command, preexec = spawn_with_parent_death(argv, env.get("PATH"))
             self._proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=write_fd,
                 stderr=write_fd,
-                env=self.environment(),
+                env=env,
                 start_new_session=True,  # its own group: stop() signals every child too
-                preexec_fn=die_with_parent if CAN_DIE_WITH_PARENT else None,
+                preexec_fn=preexec,
             )
         except OSError as err:
             os.close(read_fd)
@@ -193,6 +202,7 @@ class Runner(ABC):
         self._pgid = self._proc.pid  # session leader: pgid == pid
         self._exit_watch = ExitWatch(self._proc.pid)
         self._output = OutputPipe(read_fd, self._take_lines)
+        self._output.eager = self.ready_marker is not None  # until ready: see wait_ready
         self._waiter = asyncio.create_task(self._wait_exit(), name=f"runner-wait-{self.pid}")
 
     async def wait_ready(self, stall_timeout_s: float, *, interval_s: float = 0.01) -> float:
@@ -212,6 +222,8 @@ class Runner(ABC):
                 r = await self.client.get(self.health_path, timeout_s=max(interval_s * 50, 1.0))
                 if r.status == 200:
                     self.ready_at_s = time.monotonic()
+                    if self._output is not None:
+                        self._output.eager = False  # serving: read output in batches again
                     return self.ready_at_s - self.started_at_s
             except TransportError:
                 pass  # not listening yet
@@ -224,9 +236,10 @@ class Runner(ABC):
                     f"made no progress for {stall_timeout_s:g} s while loading "
                     f"(health {self.health_path} never answered)"
                 )
-            # Wake at once if the process dies meanwhile.
+            # Wake at once if the process dies or says it is ready meanwhile.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exited.wait(), interval_s)
+                await asyncio.wait_for(self._wake.wait(), interval_s)
+            self._wake.clear()
 
     async def ping(self, timeout_s: float = 10.0) -> bool:
         """Whether the runner answers its health endpoint within `timeout_s`."""
@@ -317,18 +330,13 @@ class Runner(ABC):
                 self._on_exit(self)  # replaced like a runner that exited
 
     def _exit_text(self) -> str:
-        rc = self.returncode
-        if rc is None:
-            return "no exit code"
-        if rc < 0:
-            try:
-                return f"signal {signal.Signals(-rc).name}"
-            except ValueError:
-                return f"signal {-rc}"
-        return f"exit code {rc}"
+        return exit_text(self.returncode)
 
     def _take_lines(self, lines: list[str]) -> None:
         self._last_output_s = time.monotonic()
+        marker = self.ready_marker
+        if marker is not None and not self.ready_at_s and any(marker in x for x in lines):
+            self._wake.set()
         for line in lines:
             self._tail.append(line)
             # A substring test first: a runner's per-request lines cost next to nothing.
@@ -354,6 +362,7 @@ class Runner(ABC):
         else:
             log.info("%s runner for %s stopped (rc %s)", self.kind, self.spec.name, rc)
         self._exited.set()
+        self._wake.set()
         if self._on_exit is not None:
             try:
                 self._on_exit(self)

@@ -1,44 +1,54 @@
 """KV caches that survive eviction: llama-server slots saved before a runner stops, restored into
 its successor when a request continues the saved conversation.
 
-- **Save** (:meth:`SlotPersistence.save_all`, from the runner's stop path): every idle slot that
-  holds a prompt is saved with ``POST /slots/{id}?action=save``, all of it within
+- **Save** (:meth:`SlotPersistence.save_all`, from the runner's stop path): every slot that holds
+  a prompt is saved with ``POST /slots/{id}?action=save``, idle slots first, all within
   ``save_timeout_s`` — what is not saved by then is skipped, so an eviction a load waits for is
-  delayed at most that long.
-- **Names**: ``<model>-<key>-<prefix>.bin``: the model's name, a hash of what makes a cache
-  reusable (the model file's path, size and mtime; the slot's context, KV type and extra args),
-  and a hash of the cached prompt. A sidecar ``.json`` holds the prompt text and sizes.
+  delayed at most that long. A slot still generating (a request whose client went away, or whose
+  answer was sent a moment before the slot was released) is saved too: llama-server defers the
+  save until the slot is idle, so the wait is bounded by the same timeout.
 - **Restore** (:meth:`SlotPersistence.before_send`, the runner api's hook): while saved files
   for this model and key remain unrestored, a completion's rendered prompt is compared with them;
-  the longest saved prompt it extends is restored into a slot nobody restored into yet, and the
-  request is sent to that slot (``id_slot``). Once none remain, the hook costs nothing.
-- **Budget**: beyond ``budget_bytes`` the least recently used files go; files of the same model
-  with another key (a changed file or options) go when a runner for the model starts.
+  the longest saved prompt it extends is checked against its sidecar's size and CRC-32, restored
+  into a slot nobody restored into yet, and the request is sent to that slot (``id_slot``). Once
+  none remain, the hook costs nothing.
+- Files, names and the disk budget: runners.kvfiles.
 
-Any failure is logged and the request is served by a normal prefill.
+Any failure is logged and the request is served by a normal prefill; a file that failed is
+deleted, so it is never tried again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import json
 import logging
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic_core import from_json, to_json
 
-from residency.runners.defaults import KvPersistence
 from residency.runners.http import RunnerClient, TransportError
+from residency.runners.kvfiles import (
+    KvPersistence,
+    SavedSlot,
+    SlotFiles,
+    cache_key,
+    enforce_budget,
+    without_bos,
+)
 from residency.runners.protocol import Body
 
-__all__ = ["KV_STATS", "KvStats", "SlotPersistence", "cache_key", "kv_stats_json"]
+__all__ = [
+    "KV_STATS",
+    "KvPersistence",
+    "KvStats",
+    "SlotPersistence",
+    "cache_key",
+    "enforce_budget",
+    "kv_stats_json",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,34 +84,6 @@ def kv_stats_json() -> dict[str, dict[str, float]]:
     return {model: dict(vars(stats)) for model, stats in sorted(KV_STATS.items())}
 
 
-def cache_key(model_path: Path, *, ctx: int, kv_type: str, args: tuple[str, ...]) -> str:
-    """What makes a saved slot reusable: the same model file and the same cache layout."""
-    try:
-        st = model_path.stat()
-        file_id = f"{model_path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
-    except OSError:
-        file_id = str(model_path)
-    text = f"{file_id}\0{ctx}\0{kv_type.lower()}\0{' '.join(args)}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _safe(name: str) -> str:
-    """A model name as llama-server accepts in a file name (letters, digits, . _ -)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64] or "model"
-
-
-def _without_bos(text: str) -> str:
-    # A slot's prompt is detokenized with its BOS; a rendered template may or may not carry one.
-    return text.removeprefix("<bos>").removeprefix("<s>")
-
-
-@dataclass(frozen=True)
-class _Saved:
-    file: str
-    prompt: str
-    size: int
-
-
 class SlotPersistence:
     """One llama-server runner's saves and restores, in a directory shared by every runner."""
 
@@ -110,18 +92,17 @@ class SlotPersistence:
     ) -> None:
         self._client = client
         self.model = model
-        self.key = key
         self.config = config
-        self.directory = config.path()
+        self.directory = config.directory
+        self.files = SlotFiles(config.directory, model, key)
         self._slots = slots
-        self._prefix = f"{_safe(model)}-{key}-"
-        self._candidates: list[_Saved] | None = None  # read at the first request
+        self._candidates: list[SavedSlot] | None = None  # read at the first request
         self._restored_slots: set[int] = set()
         self._lock = asyncio.Lock()
 
     # ---- save -----------------------------------------------------------------------------------
     async def save_all(self) -> int:
-        """Saves every idle slot holding a prompt, within save_timeout_s. Returns slots saved."""
+        """Saves every slot holding a prompt, within save_timeout_s. Returns slots saved."""
         budget = self.config.save_timeout_s
         if budget <= 0:
             return 0
@@ -140,19 +121,26 @@ class SlotPersistence:
             raise ValueError(f"GET /slots answered {resp.status}")
         slots = from_json(resp.content)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Idle slots first: a slot still generating is saved once it stops (llama-server defers
+        # the save), and must not use up the time the idle ones need.
+        held = sorted(
+            (s for s in (slots if isinstance(slots, list) else ()) if s.get("prompt")),
+            key=lambda s: bool(s.get("is_processing")),
+        )
         saved = 0
-        for slot in slots if isinstance(slots, list) else ():
-            prompt = slot.get("prompt")
-            if slot.get("is_processing") or not prompt or not slot.get("n_prompt_tokens"):
-                continue
-            saved += await self._save_slot(int(slot["id"]), str(prompt))
+        for slot in held:
+            if slot.get("is_processing"):
+                log.info("%s: slot %s is still generating: saving it when it stops",
+                         self.model, slot["id"])  # fmt: skip
+            elif not slot.get("n_prompt_tokens"):
+                continue  # an idle slot that holds nothing
+            saved += await self._save_slot(int(slot["id"]), str(slot["prompt"]))
         if saved:
-            self.enforce_budget()
+            enforce_budget(self.directory, self.config.budget_bytes)
         return saved
 
     async def _save_slot(self, slot: int, prompt: str) -> int:
-        digest = hashlib.sha256(_without_bos(prompt).encode()).hexdigest()[:16]
-        file = f"{self._prefix}{digest}.bin"
+        file = self.files.name_for(prompt)
         t0 = time.monotonic()
         resp = await self._client.request(
             "POST", f"/slots/{slot}?action=save", body=to_json({"filename": file}), headers=_JSON
@@ -164,10 +152,10 @@ class SlotPersistence:
                         resp.content[:200])  # fmt: skip
             return 0
         answer = from_json(resp.content)
-        size = int(answer.get("n_written") or 0)
-        meta = {"model": self.model, "key": self.key, "prompt": prompt,
-                "tokens": answer.get("n_saved"), "bytes": size}  # fmt: skip
-        (self.directory / file).with_suffix(".json").write_text(json.dumps(meta))
+        if not answer.get("n_saved"):
+            (self.directory / file).unlink(missing_ok=True)  # the slot was emptied meanwhile
+            return 0
+        size = await asyncio.to_thread(self.files.record, file, prompt, answer.get("n_saved"))
         stats.saved += 1
         stats.saved_bytes += size
         stats.last_save_ms = float((answer.get("timings") or {}).get("save_ms") or 0.0)
@@ -185,7 +173,7 @@ class SlotPersistence:
             return None
         async with self._lock:
             if self._candidates is None:
-                self._candidates = self._load_candidates()
+                self._candidates = self.files.candidates()
             if not self._candidates or len(self._restored_slots) >= self._slots:
                 self._candidates = []
                 return None
@@ -199,8 +187,8 @@ class SlotPersistence:
                 return None
             if text is None:
                 return None
-            text = _without_bos(text)
-            matches = [c for c in self._candidates if text.startswith(_without_bos(c.prompt))]
+            text = without_bos(text)
+            matches = [c for c in self._candidates if text.startswith(without_bos(c.prompt))]
             if not matches:
                 return None
             best = max(matches, key=lambda c: len(c.prompt))
@@ -228,8 +216,11 @@ class SlotPersistence:
         prompt = from_json(resp.content).get("prompt")
         return prompt if isinstance(prompt, str) else None
 
-    async def _restore(self, saved: _Saved, slot: int) -> bool:
+    async def _restore(self, saved: SavedSlot, slot: int) -> bool:
         stats = KV_STATS.of(self.model)
+        if not await asyncio.to_thread(self.files.intact, saved):
+            # A truncated file (a save cut short, a full disk) aborts llama-server on restore.
+            return self._failed(saved, "its size or CRC-32 differs from what was saved")
         try:
             resp = await self._client.request(
                 "POST",
@@ -239,69 +230,22 @@ class SlotPersistence:
                 timeout_s=max(self.config.save_timeout_s, 5.0),
             )
         except TransportError as err:
-            resp = None
-            why = str(err)
-        if resp is None or resp.status != 200:
-            stats.failed += 1
-            if resp is not None:
-                why = f"HTTP {resp.status}: {resp.content[:200]!r}"
-            log.warning("%s: restoring %s failed (%s): prefilling instead", self.model,
-                        saved.file, why)  # fmt: skip
-            return False
+            return self._failed(saved, str(err))
+        if resp.status != 200:
+            return self._failed(saved, f"HTTP {resp.status}: {resp.content[:200]!r}")
         answer = from_json(resp.content)
         stats.restored += 1
         stats.restored_bytes += int(answer.get("n_read") or 0)
         stats.last_restore_ms = float((answer.get("timings") or {}).get("restore_ms") or 0.0)
-        self._touch(saved.file)
+        self.files.touch(saved)
         log.info("%s: restored %s tokens into slot %d from %s", self.model,
                  answer.get("n_restored"), slot, saved.file)  # fmt: skip
         return True
 
-    # ---- the directory --------------------------------------------------------------------------
-    def _load_candidates(self) -> list[_Saved]:
-        """This model's files for this key; files of the same model with another key are stale."""
-        found: list[_Saved] = []
-        stale_prefix = f"{_safe(self.model)}-"
-        for meta_path in sorted(self.directory.glob(f"{stale_prefix}*.json")):
-            data_path = meta_path.with_suffix(".bin")
-            if not meta_path.name.startswith(self._prefix):
-                if re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{16}", meta_path.stem[len(stale_prefix) :]):
-                    _remove(meta_path, data_path)  # the model file or its options changed
-                continue
-            try:
-                meta = json.loads(meta_path.read_text())
-                size = data_path.stat().st_size
-            except (OSError, ValueError):
-                _remove(meta_path, data_path)
-                continue
-            found.append(_Saved(data_path.name, str(meta.get("prompt", "")), size))
-        return [c for c in found if c.prompt]
-
-    def _touch(self, file: str) -> None:
-        with contextlib.suppress(OSError):
-            (self.directory / file).touch()
-
-    def enforce_budget(self) -> None:
-        """Removes the least recently used files until the directory fits the budget."""
-        enforce_budget(self.directory, self.config.budget_bytes)
-
-
-def enforce_budget(directory: Path, budget_bytes: int) -> None:
-    files = []
-    for data in directory.glob("*.bin"):
-        try:
-            st = data.stat()
-        except OSError:
-            continue
-        files.append((st.st_mtime, st.st_size, data))
-    total = sum(size for _, size, _ in files)
-    for _, size, data in sorted(files):  # oldest use first
-        if total <= budget_bytes:
-            break
-        _remove(data.with_suffix(".json"), data)
-        total -= size
-
-
-def _remove(*paths: Path) -> None:
-    for p in paths:
-        p.unlink(missing_ok=True)
+    def _failed(self, saved: SavedSlot, why: str) -> bool:
+        """A file that failed once is deleted: it would fail (or worse) every time."""
+        KV_STATS.of(self.model).failed += 1
+        self.files.drop(saved)
+        log.warning("%s: restoring %s failed (%s): prefilling instead", self.model, saved.file,
+                    why)  # fmt: skip
+        return False

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 from residency.errors import ConfigError
 from residency.llamacpp import KV_CACHE_TYPES, needs_flash_attn, slots_ctx_size
-from residency.runners import defaults
 from residency.runners.base import LOOPBACK, LaunchSpec, Runner
 from residency.runners.build import find_llama_server
 from residency.runners.kvcache import SlotPersistence, cache_key
@@ -91,6 +90,7 @@ class LlamaCppPythonRunner(Runner):
         kv_type: str,
         embedding: bool | None,
         flash_attention: bool | None = None,
+        kv_persist: bool = False,
     ) -> dict[str, Any]:
         if embedding is None:
             embedding = cls.default_embedding
@@ -170,16 +170,24 @@ class LlamaServerRunner(Runner):
     kind: ClassVar[str] = "llama-server"
     supports_offload: ClassVar[bool] = True
     default_health_path: ClassVar[str] = "/health"  # 503 while loading, 200 when ready
+    # Printed right after /health turns 200 ("llama_server: model loaded").
+    ready_marker: ClassVar[str | None] = "model loaded"
     # With --embeddings this llama-server still serves completions (checked with the vendored
     # build and Gemma 3 270M), so /api/embed works with any model, as in Ollama.
     default_embedding: ClassVar[bool] = True
 
     def __init__(self, spec: LaunchSpec, **kwargs: Any) -> None:
         super().__init__(spec, **kwargs)
-        kv = defaults.current().kv
+        kv = spec.kv
         self.kv: SlotPersistence | None = None
-        if kv.enabled_for(spec.name):
-            key = cache_key(spec.model_path, ctx=spec.ctx, kv_type=spec.kv_type, args=spec.args)
+        if kv is not None:
+            try:
+                binary: Path | None = self.binary()
+            except ConfigError:
+                binary = None  # argv() says why
+            key = cache_key(
+                spec.model_path, ctx=spec.ctx, kv_type=spec.kv_type, args=spec.args, binary=binary
+            )
             self.kv = SlotPersistence(
                 self.client, model=spec.name, key=key, config=kv, slots=spec.parallel
             )
@@ -194,19 +202,19 @@ class LlamaServerRunner(Runner):
         kv_type: str,
         embedding: bool | None,
         flash_attention: bool | None = None,
+        kv_persist: bool = False,
     ) -> dict[str, Any]:
         return llama_server_estimate_options(
             ctx=ctx,
             parallel=parallel,
             kv_type=kv_type,
             embedding=cls.default_embedding if embedding is None else embedding,
-            # KV persistence runs it with --swa-full (a model opted out is overestimated a bit).
-            swa_full=defaults.current().kv.enabled,
+            swa_full=kv_persist,  # KV persistence runs it with --swa-full
             flash_attention=flash_attention,
         )
 
     def binary(self) -> Path:
-        found = find_llama_server(self.spec.binary or defaults.current().llama_server)
+        found = find_llama_server(self.spec.binary)
         if found is None:
             raise ConfigError(
                 f"model {self.spec.name!r} uses runner 'llama-server', but none is configured, "
@@ -239,6 +247,10 @@ class LlamaServerRunner(Runner):
             # llama.cpp logs its buffer lines at "trace" (4): how the runner reports its memory.
             "--verbosity",
             "4",
+            # Its host-RAM prompt cache (default 8 GiB per runner) is memory no estimate counts,
+            # and with idle-slot caching it may clear a slot whose KV we would save at stop.
+            "--cache-ram",
+            "0",
         ]
         if s.flash_attention is not None:  # else its own "auto"
             argv += ["--flash-attn", "on" if s.flash_attention else "off"]

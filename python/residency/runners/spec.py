@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from residency.runners.kvfiles import KvPersistence
 from residency.runners.upstream import UpstreamTimeouts
 
 __all__ = ["LaunchSpec"]
@@ -37,8 +38,10 @@ class LaunchSpec:
     chat_format: str | None = None
     #: The command kind's argv template ({model}, {port}, ... placeholders).
     command: Sequence[str] | None = None
-    #: llama-server's binary; None: the one on PATH.
+    #: llama-server's binary (the settings' `llama_server`); None: PATH, then residency's build.
     binary: str | None = None
+    #: llama-server's KV persistence (saved slots across stops); None: off.
+    kv: KvPersistence | None = None
     #: Flash attention on/off; None: the kind's default (llama-server: auto; on for a quantised KV).
     flash_attention: bool | None = None
     #: The registry's details of the model file (family, has_chat_template).

@@ -24,6 +24,7 @@ from residency.memory import MemoryProbe
 from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry
 from residency.runners import LaunchSpec, Runner, runner_class
+from residency.runners.choice import kv_persistence, resolve_kind
 from residency.scheduler.clock import Clock
 from residency.scheduler.fallback import Placement, judge_placement
 from residency.scheduler.host_cache import HostCache
@@ -401,8 +402,10 @@ class Executor:
             chat_format=cfg.chat_format,
             command=cfg.command,
             binary=self.settings.llama_server,
+            kv=kv_persistence(self.settings, cfg),
             flash_attention=cfg.flash_attention,
             details=inst.entry.details,
             projectors=tuple(cfg.projectors),
         )
-        return self._runner_factory(cfg.runner, spec, self.on_runner_exit)
+        kind = resolve_kind(cfg.runner, self.settings)
+        return self._runner_factory(kind, spec, self.on_runner_exit)

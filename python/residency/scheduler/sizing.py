@@ -24,6 +24,7 @@ from residency.keepalive import (
 )
 from residency.registry import ModelEntry
 from residency.runners import runner_class
+from residency.runners.choice import resolve_kind
 from residency.scheduler.lease import LoadOptions
 
 __all__ = ["Sizing", "gib"]
@@ -157,7 +158,7 @@ class Sizing:
         if (
             layers >= 0
             or budget is None
-            or not runner_class(entry.runner).supports_offload
+            or not runner_class(resolve_kind(entry.runner, self.settings)).supports_offload
             or entry.config.memory is not None
         ):
             return None
@@ -180,12 +181,13 @@ class Sizing:
 
     def estimate_options(self, entry: ModelEntry, want: LoadOptions) -> dict[str, Any]:
         """The estimator's options for the command line the runner kind will use (its own)."""
-        return runner_class(entry.runner).estimate_options(
+        return runner_class(resolve_kind(entry.runner, self.settings)).estimate_options(
             ctx=want.ctx,
             parallel=want.parallel,
             kv_type=want.kv_type,
             embedding=entry.config.embedding,
             flash_attention=entry.config.flash_attention,
+            kv_persist=self.settings.kv_persist and entry.config.kv_persist,
         )
 
 

@@ -6,7 +6,8 @@ returns with simulated runners — a Load takes the model's load cost once the m
 physically back (victims' memory returns ``recovery_lag_s`` after their stop), a Stop frees memory
 after the lag, a Grant is served as soon as the runner is ready and one of its ``parallel`` slots
 is free. It makes no decision of its own: queue order, admission, eviction and expiry are the
-engine's.
+engine's. A trace of conversations also charges each turn's earlier context to a runner that does
+not hold it — prefilled, or restored from a slot saved at the stop (sim.conversations).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from residency._core import Action, ActionKind, Device, Engine, LoadShape
 from residency.errors import ConfigError
+from residency.sim.conversations import ConversationCosts
 from residency.sim.host import HostCache, ManagedHost
 from residency.sim.trace import GB, Trace
 
@@ -60,6 +62,17 @@ class SimConfig:
     host_tier: str = "lru"
     #: The managed tier's half-life of past uses.
     host_half_life_s: float = 3600.0
+    #: Conversations (a trace with ``turns_mean``): slots saved at a runner's stop and restored
+    #: into its successor (runners.kvcache), or, off, every cold turn prefills its context.
+    kv_persist: bool = False
+    #: The cost model's calibration, Gemma 3 270M on the 2-core dev machine (sim.conversations,
+    #: from benchmarks/bench_kv_restore.py): prefill speed, KV bytes per token, restore and save
+    #: bandwidth (llama-server's own timings), and the save bound.
+    prefill_tokens_per_s: float = 500.0
+    kv_bytes_per_token: float = 18_432.0
+    kv_restore_gb_per_s: float = 7.7
+    kv_save_gb_per_s: float = 1.4
+    kv_save_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.recovery_lag_s < 0 or self.parallel < 1 or self.max_models < 1:
@@ -72,6 +85,10 @@ class SimConfig:
             raise ConfigError("sim: host_tier is 'lru' or 'managed', host_half_life_s > 0")
         if self.starvation_s < 0:
             raise ConfigError("sim: starvation_s must be ≥ 0")
+        rates = (self.prefill_tokens_per_s, self.kv_bytes_per_token, self.kv_restore_gb_per_s,
+                 self.kv_save_gb_per_s)  # fmt: skip
+        if min(rates) <= 0 or self.kv_save_timeout_s < 0:
+            raise ConfigError("sim: conversation rates must be > 0, kv_save_timeout_s ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,11 @@ class SimResult:
     duration_s: float
     #: Bytes loads read from the host's page cache instead of disk, in GB.
     host_hit_gb: float = 0.0
+    #: Conversations: seconds first tokens waited for earlier turns' context, and how many turns
+    #: had it prefilled again or restored from a saved slot.
+    context_s: float = 0.0
+    context_prefills: int = 0
+    context_restores: int = 0
     journal: tuple[str, ...] = ()
 
     def row(self) -> dict[str, float | int | str]:
@@ -165,6 +187,9 @@ class _Run:
         self.host = _host(trace, cfg)
         if isinstance(self.host, ManagedHost):
             self.host.on_warm = engine.resident_set.set_host_warm
+        self.conversations = _conversations(trace, cfg)
+        self.conversation = [] if trace.conversation is None else trace.conversation.tolist()
+        self.context = [] if trace.context is None else trace.context.tolist()
 
     def push(self, t: int, kind: int, payload: int) -> None:
         self.seq += 1
@@ -265,7 +290,8 @@ class _Run:
         self.end_idle(m)
         self.resident += m.bytes / GB * (self.now - self.resident_since.pop(mi)) / NS
         m.ready = False
-        back = self.now + round(self.cfg.recovery_lag_s * NS)
+        saving = self.conversations.stopped(mi) if self.conversations is not None else 0.0
+        back = self.now + round((saving + self.cfg.recovery_lag_s) * NS)
         self.gone_at[mi] = back
         self.push(back, _GONE, mi)
 
@@ -273,8 +299,12 @@ class _Run:
         while m.ready and m.queue and m.busy < self.cfg.parallel:
             r = m.queue.popleft()
             m.busy += 1
-            self.start[r] = self.now
-            self.push(self.now + self.service[r], _SERVED, r)
+            first = self.now  # its first token: at once, or once its earlier turns are back
+            if self.conversations is not None:
+                wait = self.conversations.turn(self.which[r], self.conversation[r], self.context[r])
+                first += round(wait * NS)
+            self.start[r] = first
+            self.push(first + self.service[r], _SERVED, r)
 
     def end_idle(self, m: _Model) -> None:
         if m.idle_since >= 0:
@@ -298,6 +328,7 @@ class _Run:
         served = starts >= 0
         ttft = (starts[served] - arrivals[served]) / NS
         n = len(self.arrivals)
+        conv = self.conversations
 
         def pct(q: float) -> float:
             return float(np.percentile(ttft, q)) if len(ttft) else 0.0
@@ -321,6 +352,9 @@ class _Run:
             resident_gb_s=self.resident,
             duration_s=(end - (self.arrivals[0] if n else 0)) / NS,
             host_hit_gb=self.host.hit_bytes / GB if self.host is not None else 0.0,
+            context_s=conv.seconds if conv is not None else 0.0,
+            context_prefills=conv.prefills if conv is not None else 0,
+            context_restores=conv.restores if conv is not None else 0,
             journal=tuple(self.engine.journal()),
         )
 
@@ -333,3 +367,19 @@ def _host(trace: Trace, cfg: SimConfig) -> HostCache | None:
     if cfg.host_tier == "managed":
         return ManagedHost(budget, cfg.host_gb_per_s, disk, cfg.host_half_life_s)
     return HostCache(budget, cfg.host_gb_per_s, disk)
+
+
+def _conversations(trace: Trace, cfg: SimConfig) -> ConversationCosts | None:
+    if trace.context is None or trace.conversation is None:
+        return None
+    return ConversationCosts(
+        [m.bytes for m in trace.models],
+        parallel=cfg.parallel,
+        kv_persist=cfg.kv_persist,
+        prefill_tokens_per_s=cfg.prefill_tokens_per_s,
+        kv_bytes_per_token=cfg.kv_bytes_per_token,
+        # Conservatively read from disk: a file saved long ago has left the page cache.
+        restore_gb_per_s=min(cfg.kv_restore_gb_per_s, trace.config.disk_gb_per_s),
+        save_gb_per_s=cfg.kv_save_gb_per_s,
+        save_timeout_s=cfg.kv_save_timeout_s,
+    )

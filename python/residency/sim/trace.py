@@ -6,6 +6,12 @@ quantisations), Zipf popularity (model i gets a share ∝ (i+1)^−α), bursty a
 inter-arrival times with a chosen coefficient of variation: CV 1 is Poisson, CV 4 is bursty), and
 optionally on/off phases whose off periods straddle the keep-alive window, which is what makes a
 fixed keep-alive either hold memory in vain or drop a model just before it is wanted again.
+
+Optionally (``turns_mean`` > 0) requests are turns of multi-turn conversations: each model's
+requests, in arrival order, continue its current conversation or (with probability
+1 / turns_mean, or when the context would pass ``max_context_tokens``) start a new one, and every
+turn adds a Gamma-distributed number of tokens (mean ``turn_tokens_mean``) to the context the
+next turn carries. The simulator charges a cold runner for that context (sim.conversations).
 """
 
 from __future__ import annotations
@@ -47,6 +53,12 @@ class TraceConfig:
     #: Off periods are uniform in [off_min_s, off_max_s]: put them around the keep-alive window.
     off_min_s: float = 150.0
     off_max_s: float = 600.0
+    #: Mean turns per conversation (geometric); 0: requests carry no conversation context.
+    turns_mean: float = 0.0
+    #: Tokens one turn adds to its conversation (the user's message and the answer), Gamma CV 0.7.
+    turn_tokens_mean: float = 400.0
+    #: A conversation whose context would pass this starts over (a model's context window).
+    max_context_tokens: int = 16_384
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -65,6 +77,10 @@ class TraceConfig:
             ),
             "on_mean_s must be ≥ 0": self.on_mean_s >= 0,
             "0 ≤ off_min_s ≤ off_max_s required": 0 <= self.off_min_s <= self.off_max_s,
+            "turns_mean must be 0 (none) or ≥ 1": self.turns_mean == 0 or self.turns_mean >= 1,
+            "turn_tokens_mean and max_context_tokens must be > 0": (
+                self.turn_tokens_mean > 0 and self.max_context_tokens > 0
+            ),
         }
         for message, ok in checks.items():
             if not ok:
@@ -90,6 +106,10 @@ class Trace:
     times: npt.NDArray[np.float64] = field(repr=False)
     model: npt.NDArray[np.int64] = field(repr=False)
     service: npt.NDArray[np.float64] = field(repr=False)
+    #: Per request: its conversation (an id), and the tokens of context it carries from earlier
+    #: turns (0 for a first turn). None: every request is a conversation of its own.
+    conversation: npt.NDArray[np.int64] | None = field(default=None, repr=False)
+    context: npt.NDArray[np.int64] | None = field(default=None, repr=False)
 
     @property
     def total_bytes(self) -> int:
@@ -189,11 +209,39 @@ def make_trace(cfg: TraceConfig) -> Trace:
     order = np.argsort(times, kind="stable")[: cfg.n_requests]
     shape = 1.0 / (cfg.service_cv * cfg.service_cv)
     service = rng.gamma(shape, cfg.service_mean_s / shape, cfg.n_requests)
+    model = model[order]
+    conversation = context = None
+    if cfg.turns_mean > 0:  # drawn last: traces without conversations stay as they were
+        conversation, context = _conversations(rng, cfg, model)
     return Trace(
         config=cfg,
         models=models,
         budget_bytes=budget,
         times=times[order],
-        model=model[order],
+        model=model,
         service=service,
+        conversation=conversation,
+        context=context,
     )
+
+
+def _conversations(
+    rng: np.random.Generator, cfg: TraceConfig, model: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Each request's conversation id and the context tokens it carries (see the module doc)."""
+    n = len(model)
+    new = rng.uniform(size=n) < 1.0 / cfg.turns_mean
+    turn = np.maximum(1, rng.gamma(2.0, cfg.turn_tokens_mean / 2.0, n)).astype(np.int64)
+    conversation = np.empty(n, dtype=np.int64)
+    context = np.empty(n, dtype=np.int64)
+    current: dict[int, tuple[int, int]] = {}  # model → (its conversation, its context so far)
+    ids = 0
+    rows = zip(model.tolist(), new.tolist(), turn.tolist(), strict=True)
+    for r, (mi, starts, tokens) in enumerate(rows):
+        conv, ctx = current.get(mi, (-1, 0))
+        if conv < 0 or starts or ctx + tokens > cfg.max_context_tokens:
+            conv, ctx = ids, 0
+            ids += 1
+        conversation[r], context[r] = conv, ctx
+        current[mi] = (conv, ctx + tokens)
+    return conversation, context
