@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from residency import pagecache
+from residency._core import ReservationState
 from residency.config import Settings, load_settings
 from residency.ray.transport import RemoteError, lease_info
 from residency.runners.protocol import Body, Embeddings
@@ -104,7 +105,12 @@ class ModelServer:
             self._in_flight -= 1
 
     def _info(self, lease: Lease) -> dict[str, Any]:
-        return lease_info(lease, self.replica, self.node)
+        info = lease_info(lease, self.replica, self.node)
+        # What this replica has ready now: a caller can check the router's choices against it.
+        info["resident"] = [
+            r.key for r in self.scheduler.core.snapshot() if r.state == ReservationState.READY
+        ]
+        return info
 
     async def complete(
         self, path: str, body: Body, keep_alive: KeepAlive = None, options: Any = None
@@ -242,8 +248,15 @@ def replica_stats(
         queued = scheduler.engine.queued()
     except Exception:  # not started yet
         queued = 0
+    loads = sum(
+        s.value
+        for m in scheduler.metrics.loads.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
     return {
         "at": time.time(),
+        "loads": int(loads),
         "replica": replica,
         "node": node,
         "queued": queued,
