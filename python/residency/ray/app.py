@@ -30,6 +30,8 @@ STATS_PERIOD_S = 0.5
 #: so Serve's per-replica cap only has to be above what the runners serve in parallel.
 MAX_ONGOING = 256
 DEPLOYMENT = "ModelServer"
+#: Seconds a stopping replica gives its requests in flight before its runners are stopped.
+GRACEFUL_SHUTDOWN_S = 30.0
 
 
 @serve.ingress()
@@ -59,6 +61,7 @@ def build(
     replicas: int = 1,
     replica_resources: Mapping[str, float] | None = None,
     replica_cpus: float = 1.0,
+    max_replicas_per_node: int | None = None,
     router: type | str = ResidencyRouter,
     stats_period_s: float = STATS_PERIOD_S,
 ) -> Any:
@@ -66,21 +69,28 @@ def build(
 
     `config`: the TOML file every replica and the ingress read; `overrides`: settings over it
     everywhere; `node_settings`: settings per custom node resource (model_server.node_overrides);
-    `replica_resources`: custom resources each model-server replica needs (one per node, say).
+    `replica_resources`: custom resources each model-server replica needs (one per node, say);
+    `max_replicas_per_node`: 1 spreads the replicas one per node (each node's devices are its own).
     """
     router_config: dict[str, Any] = {
         "request_router_class": router,
         "request_routing_stats_period_s": stats_period_s,
         "request_routing_stats_timeout_s": max(5.0, 10 * stats_period_s),
     }
+    placement: dict[str, Any] = {}
+    if max_replicas_per_node is not None:
+        placement["max_replicas_per_node"] = max_replicas_per_node
     # Any: Serve's stubs type neither the decorator's result nor the config's fields.
     server: Any = serve.deployment(
         ModelServer,
         name=DEPLOYMENT,
         num_replicas=replicas,
         max_ongoing_requests=MAX_ONGOING,
+        # A replica stopping (scale-down, a config change) lets its requests finish first.
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         ray_actor_options={"num_cpus": replica_cpus, "resources": dict(replica_resources or {})},
         request_router_config=RequestRouterConfig(**router_config),
+        **placement,
     )
     ingress: Any = serve.deployment(
         Ingress, name="ResidencyIngress", ray_actor_options={"num_cpus": 0}
@@ -102,6 +112,7 @@ def app_builder(args: Mapping[str, Any]) -> Any:
         "replica_resources",
         "overrides",
         "replica_cpus",
+        "max_replicas_per_node",
     }
     unknown = set(args) - known
     if unknown:
@@ -113,4 +124,5 @@ def app_builder(args: Mapping[str, Any]) -> Any:
         replicas=int(args.get("replicas", 1)),
         replica_resources=args.get("replica_resources"),
         replica_cpus=float(args.get("replica_cpus", 1.0)),
+        max_replicas_per_node=args.get("max_replicas_per_node"),
     )
