@@ -26,6 +26,25 @@ APP = "residency"
 class RayServe:
     url: str
     handle: Any  # the model-server deployment's handle, from this (driver) process
+    config: Path
+    node_settings: Mapping[str, Mapping[str, Any]]
+
+    def deploy(self, node_settings: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """(Re)deploys the application; new node settings roll the model-server replicas."""
+        from ray import serve
+
+        from residency.ray.app import build
+
+        if node_settings is not None:
+            self.node_settings = node_settings
+        app = build(
+            str(self.config),
+            node_settings=self.node_settings,
+            replicas=2,
+            replica_resources={"residency_replica": 1},
+            replica_cpus=0.5,
+        )
+        serve.run(app, name=APP, route_prefix="/")
 
     def ps(self) -> list[dict[str, Any]]:
         models: list[dict[str, Any]] = httpx.get(self.url + "/api/ps", timeout=30).json()["models"]
@@ -64,8 +83,6 @@ def two_node_serve(
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from residency.ray.app import build
-
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     cluster = Cluster(
         initialize_head=True,
@@ -80,18 +97,12 @@ def two_node_serve(
         ray.init(address=cluster.address, log_to_driver=False, include_dashboard=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build(
-            str(config),
-            node_settings=node_settings,
-            replicas=2,
-            replica_resources={"residency_replica": 1},
-            replica_cpus=0.5,
-        )
-        serve.run(app, name=APP, route_prefix="/")
-        handle = serve.get_deployment_handle("ModelServer", APP)
-        handle.ping.remote().result(timeout_s=60)
-        wait_for(lambda: len(replica_stats(handle)) == 2, 60, "both replicas' stats")
-        yield RayServe(f"http://127.0.0.1:{port}", handle)
+        served = RayServe(f"http://127.0.0.1:{port}", None, config, node_settings)
+        served.deploy()
+        served.handle = serve.get_deployment_handle("ModelServer", APP)
+        served.handle.ping.remote().result(timeout_s=60)
+        wait_for(lambda: len(replica_stats(served.handle)) == 2, 60, "both replicas' stats")
+        yield served
     finally:
         try:
             serve.shutdown()

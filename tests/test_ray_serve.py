@@ -152,6 +152,11 @@ def test_requests_land_on_the_replica_that_holds_the_model(
             assert not again["cold"], model
     for model, info in first.items():
         assert served.holders(model) == {info["replica"]}
+    # /v1/models says where each model is resident: device@replica/node.
+    cards = {c["id"]: c for c in httpx.get(served.url + "/v1/models", timeout=30).json()["data"]}
+    for model, info in first.items():
+        [where] = cards[f"{model}:latest"]["resident_on"]
+        assert where.startswith(f"host@{info['replica']}/")
 
 
 def test_official_clients_against_the_ingress(cluster: tuple[RayServe, dict[str, int]]) -> None:
@@ -190,6 +195,8 @@ def _openai_calls(oc: Any) -> None:
     done = oc.completions.create(model="tiny", prompt="Once upon", max_tokens=4, temperature=0)
     assert done.choices[0].finish_reason in ("length", "stop")
     assert "gemma" in {m.id.split(":")[0] for m in oc.models.list()}
+    embedded = oc.embeddings.create(model="big", input="a")  # the fake runner: one vector
+    assert embedded.data[0].embedding == pytest.approx([0.1, 0.2, 0.3])
 
 
 def _ollama_calls(client: Any) -> None:
@@ -204,12 +211,52 @@ def _ollama_calls(client: Any) -> None:
     )
     assert streamed[-1].done
     assert "".join(p.response for p in streamed).strip()
+    vectors = client.embed(model="big", input="one").embeddings
+    assert len(vectors) == 1
+    assert vectors[0]
+    loaded = client.generate(model="tiny2")  # no prompt: Ollama's load-only request
+    assert loaded.done_reason == "load"
     ps = client.ps()
     assert any(m.model.startswith("gemma") for m in ps.models)
     # Errors keep their statuses through the hop: an unknown model is a 404.
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="no-such-model", messages=CHAT)
     assert err.value.status_code == 404
+
+
+def test_a_configuration_change_rolls_replicas_without_dropping_requests(
+    cluster: tuple[RayServe, dict[str, int]],
+) -> None:
+    served, _ = cluster
+    before = set(replica_stats(served.handle))
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(base_url=served.url, timeout=120) as client:
+            while not stop.is_set():
+                for model in ("tiny", "big"):
+                    r = client.post(
+                        "/v1/chat/completions",
+                        json={"model": model, "messages": CHAT, "max_tokens": 4, "temperature": 0},
+                    )
+                    statuses.append(r.status_code)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        wait_for(lambda: len(statuses) >= 4, 60, "traffic")
+        bigger = {node: {"memory_limit": s["memory_limit"] + MIB} for node, s in
+                  served.node_settings.items()}  # fmt: skip
+        served.deploy(bigger)  # returns once the new replicas are running
+        wait_for(lambda: not before & set(replica_stats(served.handle)), 120, "the roll")
+        count = len(statuses)
+        wait_for(lambda: len(statuses) >= count + 4, 60, "traffic after the roll")
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert statuses
+    assert set(statuses) == {200}
 
 
 def _runner_pids(name: str) -> set[int]:

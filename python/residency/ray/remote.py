@@ -35,6 +35,8 @@ __all__ = ["ClusterDevice", "ClusterResident", "RayLease", "RayScheduler"]
 KeepAlive = str | float | None
 #: How long start() waits for every replica's first routing stats.
 STATS_WAIT_S = 30.0
+#: How long a request waits for a replica that can fit its model before it is refused.
+FIT_WAIT_S = 10.0
 
 
 @contextlib.asynccontextmanager
@@ -232,17 +234,25 @@ class RayScheduler:
         self, model: str, keep_alive: KeepAlive, options: Mapping[str, Any] | None
     ) -> AsyncIterator[RayLease]:
         entry = self.resolve(model)
-        view = self.view()
-        if view and all(tier_of(entry.name, s) is None for s in view):
-            raise ModelTooLargeError(
-                f"model {entry.name!r} fits on no replica of the cluster "
-                f"(each reported it larger than its largest device)"
-            )
+        await self._some_replica_fits(entry.name)
         lease = RayLease(model, entry, self, keep_alive, options)
         yield lease
         if not lease.used:  # a load-only request (Ollama's empty prompt): load it somewhere
             async with _replica_errors():
                 lease.took(await lease.handle().load.remote(keep_alive, options))
+
+    async def _some_replica_fits(self, name: str) -> None:
+        """Raises ModelTooLargeError when every replica reported the model cannot fit, for
+        FIT_WAIT_S: the router never sends it to such a replica, so the request would wait
+        forever; a replica being replaced (a rolling update, a restart) gets that long to come."""
+        deadline = time.monotonic() + FIT_WAIT_S
+        while (view := self.view()) and all(tier_of(name, s) is None for s in view):
+            if time.monotonic() >= deadline:
+                raise ModelTooLargeError(
+                    f"model {name!r} fits on no replica of the cluster "
+                    f"(each reported it larger than its largest device)"
+                )
+            await asyncio.sleep(0.1)
 
     def session(
         self,
