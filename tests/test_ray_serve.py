@@ -89,8 +89,11 @@ path = "{tiny2}"
     config.write_text(base)
     needs = _needs(config)
     big = needs["gemma"] + 64 * MIB
-    config.write_text(base + _fake("big", big) + _fake("slow", 8 * MIB, "--request-s", "20"))
-    needs.update(big=big, slow=8 * MIB)
+    huge = 4 * big  # larger than either node's budget
+    config.write_text(
+        base + _fake("big", big) + _fake("slow", 8 * MIB, "--request-s", "20") + _fake("huge", huge)
+    )
+    needs.update(big=big, slow=8 * MIB, huge=huge)
     spare = 24 * MIB
     node_settings = {
         "node_a": {"memory_limit": needs["gemma"] + needs["tiny"] + spare},
@@ -136,6 +139,19 @@ def test_too_large_model_is_never_routed_to_the_small_replica(
     assert r.json()["choices"][0]["message"]["content"].startswith("reply from big")
     # The cluster view is the replicas' last stats (every STATS_PERIOD_S): it catches up.
     wait_for(lambda: served.holders("big") == {node_b}, 30, "big on node B in /api/ps")
+
+
+def test_a_model_no_replica_can_fit_is_refused_without_reaching_one(
+    cluster: tuple[RayServe, dict[str, int]],
+) -> None:
+    served, _ = cluster
+    stats = replica_stats(served.handle)
+    assert all("huge" in s["cannot_fit"] for s in stats.values())
+    r = httpx.post(served.url + "/api/chat", json={"model": "huge", "messages": CHAT}, timeout=60)
+    assert r.status_code == 500, r.text
+    assert "fits on no replica" in r.json()["error"]
+    assert not served.holders("huge")
+    assert not _runner_pids("huge")
 
 
 def test_requests_land_on_the_replica_that_holds_the_model(
