@@ -87,6 +87,8 @@ def test_residency_serve_ray_starts_a_local_cluster_serves_and_stops(tmp_path: P
                 return False
 
         wait_until(up, 180, "residency serve --ray to answer")
+        # Deployed (serve.run returned), not only answering: SIGINT now tests the stop path.
+        wait_until(lambda: b"residency on Ray:" in log.read_bytes(), 180, "the deploy")
         body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text + log.read_text(errors="replace")[-3000:]

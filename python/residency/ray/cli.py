@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
 
 from residency.config import Settings
 
@@ -30,6 +29,8 @@ def serve_on_ray(
     from residency.ray.app import build
 
     started_here = address is None and not ray.is_initialized()
+    # SIGTERM stops it as SIGINT does, also while the application is still deploying.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
@@ -42,24 +43,14 @@ def serve_on_ray(
             "residency on Ray: %d model-server replica(s) on %d node(s), serving on http://%s:%d",
             count, nodes, settings.host, settings.port,
         )  # fmt: skip
-        _wait_for_signal()
-        serve.delete(APP)
-        return 0
+        threading.Event().wait()  # until SIGINT or SIGTERM
+    except KeyboardInterrupt:
+        log.info("residency on Ray: stopping")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if started_here:
             serve.shutdown()  # type: ignore[no-untyped-call]
             ray.shutdown()
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        stop.wait()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        else:
+            serve.delete(APP)
+    return 0
