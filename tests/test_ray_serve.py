@@ -246,6 +246,7 @@ def test_a_configuration_change_rolls_replicas_without_dropping_requests(
     served, _ = cluster
     before = set(replica_stats(served.handle))
     statuses: list[int] = []
+    failures: list[str] = []
     stop = threading.Event()
 
     def traffic() -> None:
@@ -257,6 +258,8 @@ def test_a_configuration_change_rolls_replicas_without_dropping_requests(
                         json={"model": model, "messages": CHAT, "max_tokens": 4, "temperature": 0},
                     )
                     statuses.append(r.status_code)
+                    if r.status_code != 200:
+                        failures.append(f"{model}: {r.status_code} {r.text[:300]}")
 
     thread = threading.Thread(target=traffic)
     thread.start()
@@ -272,7 +275,7 @@ def test_a_configuration_change_rolls_replicas_without_dropping_requests(
         stop.set()
         thread.join(timeout=120)
     assert statuses
-    assert set(statuses) == {200}
+    assert set(statuses) == {200}, failures
 
 
 def _runner_pids(name: str) -> set[int]:

@@ -36,7 +36,8 @@ KeepAlive = str | float | None
 #: How long start() waits for every replica's first routing stats.
 STATS_WAIT_S = 30.0
 #: How long a request waits for a replica that can fit its model before it is refused.
-FIT_WAIT_S = 10.0
+#: As long as a replacement replica may take to start and report (seen > 10 s on a loaded host).
+FIT_WAIT_S = 30.0
 
 
 @contextlib.asynccontextmanager
