@@ -42,12 +42,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
         help="log verbosity (default info: one line per request)",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help='serve on a Ray cluster (pip install "residency[ray]"): connect to ADDRESS, or '
+        "$RAY_ADDRESS, or start a local one; one model-server replica per node",
+    )
+    parser.add_argument(
+        "--replicas", type=int, help="with --ray: model-server replicas (default: one per node)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``serve`` subcommand's handler."""
     from residency.config import load_settings
-    from residency.errors import ResidencyError
+    from residency.errors import ConfigError, ResidencyError
 
     overrides: dict[str, Any] = {}
     if args.host:
@@ -57,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     try:
         settings = load_settings(args.config, **overrides)
+        if args.ray is not None:
+            from residency.ray.cli import serve_on_ray
+
+            return serve_on_ray(settings, args.config, args.ray or None, args.replicas)
+        if args.replicas is not None:
+            raise ConfigError("--replicas needs --ray")
         return serve(
             settings,
             log_level=args.log_level,

@@ -120,7 +120,15 @@ async def embeddings(call: Call) -> Response:
 
 @router.get("/models")
 async def list_models(request: Request, state: State) -> Response:
-    cards = [_model_card(e) for e in state.scheduler.models() if key_allows(request.scope, e.name)]
+    # residency's addition: where each model is resident now (device; on Ray, device@replica/node).
+    where: dict[str, list[str]] = {}
+    for r in state.scheduler.resident():
+        where.setdefault(r.name, []).append(r.device)
+    cards = [
+        {**_model_card(e), "resident_on": where.get(e.name, [])}
+        for e in state.scheduler.models()
+        if key_allows(request.scope, e.name)
+    ]
     return json_response({"object": "list", "data": cards})
 
 
