@@ -23,11 +23,13 @@ from typing import Any, cast
 
 from residency.config import Settings
 from residency.errors import ModelTooLargeError
+from residency.keepalive import KeepAliveClient
 from residency.metrics import ResidencyMetrics
 from residency.ray.router import ResidencyRouter, routers
 from residency.ray.stats import tier_of
 from residency.ray.transport import as_api_error
 from residency.registry import ModelEntry, Registry
+from residency.runners.assemble import Assembly, generate_streamed
 from residency.runners.protocol import Body, Embeddings, Event, RunnerApi
 
 __all__ = ["ClusterDevice", "ClusterResident", "RayLease", "RayScheduler"]
@@ -81,6 +83,9 @@ class RayLease:
         self.queue_duration_ns = max(self.queue_duration_ns, int(info["queue_duration_ns"]))
         self.replica, self.node = str(info["replica"]), str(info["node"])
 
+    def decoded(self, tokens: int, ns: int) -> None:
+        """Decode speed is sampled by the replica that generated."""
+
     def handle(self, *, stream: bool = False) -> Any:
         return self.scheduler.handle.options(multiplexed_model_id=self.model, stream=stream)
 
@@ -101,6 +106,11 @@ class RemoteRunnerApi:
             )
         lease.took(info)
         return bytes(answer)
+
+    async def generate(self, path: str, body: Mapping[str, Any]) -> Assembly:
+        """Streamed from the replica and assembled here, as RunnerApi.generate does: a client
+        that leaves cancels the replica's stream, and the runner stops."""
+        return await generate_streamed(self.stream, path, body)
 
     async def embed(self, body: Body) -> Embeddings:
         lease = self._lease
@@ -172,6 +182,13 @@ class ClusterResident:
     warm_bytes: int | None
     replica: str
     node: str
+    #: Ollama's "size" (the reservation; the replica reports no CPU/GPU split yet).
+    size: int = 0
+    #: Placement checks, decode history and keep-alive origins stay on the replica.
+    placement: Any = None
+    decode_speed: Any = None
+    keep_alive_ns: int | None = None
+    keep_alive_origin: Any = None
 
 
 @dataclass(frozen=True)
@@ -261,8 +278,16 @@ class RayScheduler:
         *,
         keep_alive: KeepAlive = None,
         options: Mapping[str, Any] | None = None,
+        client: KeepAliveClient | None = None,
     ) -> contextlib.AbstractAsyncContextManager[RayLease]:
+        # `client` (who asked, for keep-alive governance) is not relayed: each replica applies
+        # its own keep-alive policy without knowing the caller's key.
+        del client
         return self._session(model, keep_alive, options)
+
+    def failing(self) -> list[dict[str, Any]]:
+        """Crash-loop state lives in each replica's own circuit; the cluster view has none yet."""
+        return []
 
     async def unload(self, model: str) -> None:
         """Unloads the model from every replica that holds it (each call reaches one holder)."""
@@ -299,6 +324,7 @@ class RayScheduler:
                         warm_bytes=m.get("warm_bytes"),
                         replica=replica,
                         node=node,
+                        size=int(m["bytes"]),
                     )
                 )
         return rows

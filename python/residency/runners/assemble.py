@@ -11,10 +11,37 @@ stop within a token of the connection closing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol
 
-__all__ = ["Assembly"]
+__all__ = ["Assembly", "generate_streamed"]
+
+
+class _Events(Protocol):
+    """A runner's event stream (protocol.EventStream, or one relayed from a Ray replica)."""
+
+    first_at: int | None
+
+    def __aiter__(self) -> AsyncIterator[tuple[Any, int]]: ...
+    async def aclose(self) -> None: ...
+
+
+async def generate_streamed(
+    stream: Callable[[str, Mapping[str, Any]], Awaitable[_Events]],
+    path: str,
+    body: Mapping[str, Any],
+) -> Assembly:
+    """Asks ``stream`` for ``body`` as a stream with usage, and assembles the whole answer."""
+    events = await stream(path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    answer = Assembly()
+    answer.first_at = events.first_at
+    try:
+        async for event, _ in events:
+            answer.add(event)
+    finally:
+        await events.aclose()
+    return answer
+
 
 _ANSWER_OBJECT = {"chat.completion.chunk": "chat.completion"}
 

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic_core import from_json, to_json
 
 from residency.errors import ResidencyError, RunnerError
-from residency.runners.assemble import Assembly
+from residency.runners.assemble import Assembly, generate_streamed
 from residency.runners.http import (
     RunnerClient,
     StreamResponse,
@@ -193,16 +193,7 @@ class RunnerApi:
         request is stopped by the runner when its connection closes, so a client that leaves
         (or times out) never leaves the runner generating for nobody.
         """
-        fields = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        events = await self.stream(path, fields)
-        answer = Assembly()
-        answer.first_at = events.first_at
-        try:
-            async for event, _ in events:
-                answer.add(event)
-        finally:
-            await events.aclose()
-        return answer
+        return await generate_streamed(self.stream, path, body)
 
     async def embed(self, body: Body) -> Embeddings:
         """Embeddings for the body's ``input``; vectors in input order, pooled per input."""
