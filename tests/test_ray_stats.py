@@ -60,6 +60,9 @@ def test_never_a_replica_that_reported_the_model_cannot_fit() -> None:
     assert rank("m", stats) == [["big"]]
     assert tier_of("m", stats["small"]) is None
     assert rank("m", {"small": replica(cannot_fit=("m",))}) == []
+    # A replica that has not reported yet (a roll) is tried only when no known one takes it.
+    assert rank("m", {"new": None, "big": replica()}) == [["big"]]
+    assert rank("m", {"new": None, "small": replica(cannot_fit=("m",))}) == [["new"]]
 
 
 def test_more_free_budget_first_and_never_past_a_busy_model() -> None:
@@ -98,5 +101,6 @@ def test_a_model_just_sent_somewhere_counts_as_loading_there() -> None:
     assert rank("m", {"b": replica(cannot_fit=("m",))}, placed="b") == []
 
 
-def test_replicas_without_stats_come_last() -> None:
-    assert rank("m", {"new": {}, "known": replica()}) == [["known"], ["new"]]
+def test_replicas_without_stats_are_tried_only_when_no_known_one_takes_the_model() -> None:
+    assert rank("m", {"new": {}, "known": replica()}) == [["known"]]
+    assert rank("m", {"new": {}, "full": replica(cannot_fit=("m",))}) == [["new"]]

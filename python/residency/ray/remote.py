@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from residency.config import Settings
 from residency.errors import ModelTooLargeError
@@ -37,6 +37,8 @@ __all__ = ["ClusterDevice", "ClusterResident", "RayLease", "RayScheduler"]
 KeepAlive = str | float | None
 #: How long start() waits for every replica's first routing stats.
 STATS_WAIT_S = 30.0
+T = TypeVar("T")
+
 #: How long a request waits for a replica that can fit its model before it is refused.
 #: As long as a replacement replica may take to start and report (seen > 10 s on a loaded host).
 FIT_WAIT_S = 30.0
@@ -98,12 +100,29 @@ class RemoteRunnerApi:
     def __init__(self, lease: RayLease) -> None:
         self._lease = lease
 
+    async def _placed(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, sent again when the replica it reached cannot fit the model: one that had not
+        reported yet (a roll, a restart) is a routing miss, not the cluster's answer. Refused
+        only once no replica can fit it (RayScheduler.some_replica_fits)."""
+        deadline = time.monotonic() + FIT_WAIT_S
+        while True:
+            try:
+                async with _replica_errors():
+                    return await call()
+            except ModelTooLargeError:
+                if time.monotonic() >= deadline:
+                    raise
+                await self._lease.scheduler.some_replica_fits(self._lease.entry.name)
+                await asyncio.sleep(0.2)  # the miss's replica reports, and the router learns
+
     async def complete(self, path: str, body: Body) -> bytes:
         lease = self._lease
-        async with _replica_errors():
-            answer, info = await lease.handle().complete.remote(
-                path, body, lease.keep_alive, lease.options
-            )
+
+        async def call() -> Any:
+            handle = lease.handle()
+            return await handle.complete.remote(path, body, lease.keep_alive, lease.options)
+
+        answer, info = await self._placed(call)
         lease.took(info)
         return bytes(answer)
 
@@ -114,25 +133,32 @@ class RemoteRunnerApi:
 
     async def embed(self, body: Body) -> Embeddings:
         lease = self._lease
-        async with _replica_errors():
-            result, info = await lease.handle().embed.remote(body, lease.keep_alive, lease.options)
+
+        async def call() -> Any:
+            return await lease.handle().embed.remote(body, lease.keep_alive, lease.options)
+
+        result, info = await self._placed(call)
         lease.took(info)
         embeddings: Embeddings = result
         return embeddings
 
     async def stream(self, path: str, body: Body) -> RemoteEventStream:
         lease = self._lease
-        gen = lease.handle(stream=True).stream.remote(path, body, lease.keep_alive, lease.options)
-        stream = RemoteEventStream(gen)
-        try:
-            async with _replica_errors():
+
+        async def call() -> RemoteEventStream:
+            handle = lease.handle(stream=True)
+            gen = handle.stream.remote(path, body, lease.keep_alive, lease.options)
+            stream = RemoteEventStream(gen)
+            try:
                 info = await gen.__anext__()
                 lease.took(info)
                 await stream.start()
-        except BaseException:
-            await stream.aclose()
-            raise
-        return stream
+            except BaseException:
+                await stream.aclose()
+                raise
+            return stream
+
+        return await self._placed(call)
 
 
 class RemoteEventStream:
@@ -252,14 +278,14 @@ class RayScheduler:
         self, model: str, keep_alive: KeepAlive, options: Mapping[str, Any] | None
     ) -> AsyncIterator[RayLease]:
         entry = self.resolve(model)
-        await self._some_replica_fits(entry.name)
+        await self.some_replica_fits(entry.name)
         lease = RayLease(model, entry, self, keep_alive, options)
         yield lease
         if not lease.used:  # a load-only request (Ollama's empty prompt): load it somewhere
             async with _replica_errors():
                 lease.took(await lease.handle().load.remote(keep_alive, options))
 
-    async def _some_replica_fits(self, name: str) -> None:
+    async def some_replica_fits(self, name: str) -> None:
         """Raises ModelTooLargeError when every replica reported the model cannot fit, for
         FIT_WAIT_S: the router never sends it to such a replica, so the request would wait
         forever; a replica being replaced (a rolling update, a restart) gets that long to come."""

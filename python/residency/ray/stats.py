@@ -118,6 +118,10 @@ def rank(
             tier = Tier(1)
         if tier is not None:
             tiers.setdefault(tier, []).append(key)
+    if len(tiers) > 1:
+        # A replica without stats yet (just started: a roll, a restart) may be one that cannot
+        # fit the model; while any replica is known to take it, the unknown ones are not tried.
+        tiers.pop(UNKNOWN, None)
     ranks: list[list[K]] = []
     for tier in sorted(tiers):
         keys = sorted(tiers[tier], key=lambda k: (waiting(k), str(k)))

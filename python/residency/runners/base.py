@@ -271,6 +271,11 @@ class Runner(ABC):
                 if timeout_s > 0:
                     log.warning("%s (pid %s) ignored SIGTERM: SIGKILL", self.spec.name, self.pid)
                 self._signal_group(signal.SIGKILL)
+                # A child whose leader is gone is not ours to await: poll until SIGKILL took it
+                # (on a busy machine that takes a scheduling round), so nothing outlives stop().
+                gone_by = time.monotonic() + 2.0
+                while self._group_alive() and time.monotonic() < gone_by:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
             if not self.exited:
                 await self._exited.wait()
         except asyncio.CancelledError:
