@@ -253,7 +253,7 @@ bool Engine::serve_head_locked(std::vector<Action>& out, Request& head, Nanos no
   AdmitDecision d = set_.admit(head.key, head.bytes, now, head.keep_alive);
   switch (d.outcome) {
     case AdmitOutcome::Load: {
-      residents_[head.key] = Resident{head.shape, true, false, {}};
+      residents_[head.key] = Resident{head.shape, true, false, false, {}};
       ++loads_in_flight_;
       for (const auto& v : d.victims) {
         // The resident set moved each victim to Unloading; only the runner remains to stop.
