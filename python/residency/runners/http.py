@@ -24,6 +24,8 @@ from typing import cast
 
 import httptools
 
+from residency.runners.transport_errors import TransportError, Unanswered, UpstreamTimeout
+
 __all__ = [
     "Response",
     "RunnerClient",
@@ -35,20 +37,6 @@ __all__ = [
 
 #: Bytes a stream may buffer before the runner's socket stops being read (backpressure).
 _HIGH_WATER = 1 << 20
-
-
-class TransportError(Exception):
-    """The runner could not be reached, or the connection failed before the answer was complete
-    (refused, reset, closed early, timed out, or an answer that is not HTTP)."""
-
-
-class UpstreamTimeout(TransportError):
-    """The runner sent nothing for a request for too long (see runners.upstream): never resent."""
-
-
-class Unanswered(TransportError):
-    """The runner refused or dropped a new connection without a byte of answer (it is dead or
-    dying, as a rule: the caller may ask a fresh runner)."""
 
 
 @dataclass(frozen=True)

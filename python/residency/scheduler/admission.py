@@ -1,12 +1,15 @@
-"""The driver's part in sizing a request: estimating what it needs, and when it fits on no
-device, retrying with the layers that fit on the largest GPU (partial offload) or failing it."""
+"""The driver's part in admitting a request: estimating what it needs, and when it fits on no
+device, retrying with the layers that fit on the largest GPU (partial offload) or failing it; and
+what a reload does to the requests and runners of models whose configuration changed."""
 
 from __future__ import annotations
 
 from residency._core import Action, Engine, RejectCode, ResidentSet
 from residency.errors import ResidencyError, ServerBusyError
+from residency.registry import Registry
 from residency.scheduler.clock import Clock
 from residency.scheduler.executor import HOST_DEVICE, Tasks
+from residency.scheduler.reload import ModelChanges, model_changes
 from residency.scheduler.requests import PendingRequest, shape_of
 from residency.scheduler.sizing import Sizing
 from residency.scheduler.watchdog import Watchdog
@@ -15,12 +18,13 @@ __all__ = ["Admission"]
 
 
 class Admission:
-    """Mixed into the Scheduler: the Estimate and Reject actions' handling."""
+    """Mixed into the Scheduler: the Estimate and Reject actions' handling, and reloads."""
 
     _sizing: Sizing
     _tasks: Tasks
     _clock: Clock
     _requests: dict[int, PendingRequest]
+    _registry: Registry
     watchdog: Watchdog | None
 
     @property
@@ -82,3 +86,23 @@ class Admission:
 
     def _has_gpu(self) -> bool:
         return any(d.id != HOST_DEVICE for d in self.core.devices())
+
+    def replace_models(self, registry: Registry) -> ModelChanges:
+        """Serves `registry`'s models from now on (a reload): a changed model's runner serves
+        the requests it has and then stops (newcomers wait for a fresh one); a removed one
+        drains and stops; an added one loads on its first request. Requests still queued for a
+        changed or removed model were sized for the old configuration: they get 503 + Retry-After
+        (a retry resolves the new one)."""
+        changes = model_changes(self._registry.entries(), registry.entries())
+        self._registry, old = registry, self._registry
+        old.close()
+        gone = {*changes.changed, *changes.removed}
+        for req in [r for r in self._requests.values() if r.entry.name in gone]:
+            if not req.granted.done():
+                self._run(self.engine.cancel(req.id, self._clock.now_ns()))
+                why = f"model {req.entry.name!r} was reconfigured while this request waited"
+                req.granted.set_exception(ServerBusyError(why))
+        for name in sorted(gone):
+            self._sizing.forget(name)
+            self._run(self.engine.unload(name, self._clock.now_ns(), fresh=True))
+        return changes

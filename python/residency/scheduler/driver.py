@@ -29,7 +29,7 @@ from residency._core import (
     ResidentSet,
 )
 from residency.config import Settings
-from residency.errors import ResidencyError, RunnerError, ServerBusyError
+from residency.errors import ResidencyError, RunnerError
 from residency.keepalive import KeepAliveChoice, KeepAliveClient, KeepAliveOrigin, parse_keep_alive
 from residency.memory import DeviceInfo, MemoryProbe
 from residency.metrics import ResidencyMetrics
@@ -49,7 +49,6 @@ from residency.scheduler.executor import (
 from residency.scheduler.host_cache import make_host_cache
 from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
 from residency.scheduler.observations import Observations
-from residency.scheduler.reload import ModelChanges, model_changes
 from residency.scheduler.requests import PendingRequest, copy_error, shape_of
 from residency.scheduler.rows import device_usage, resident_rows
 from residency.scheduler.runner_checks import check_before_use, exits_soon, still_serving
@@ -230,26 +229,6 @@ class Scheduler(Admission):
         if stopping is not None:
             await asyncio.shield(stopping[1])
 
-    def replace_models(self, registry: Registry) -> ModelChanges:
-        """Serves `registry`'s models from now on (a reload): a changed model's runner serves
-        the requests it has and then stops (newcomers wait for a fresh one); a removed one
-        drains and stops; an added one loads on its first request. Requests still queued for a
-        changed or removed model were sized for the old configuration: they get 503 + Retry-After
-        (a retry resolves the new one)."""
-        changes = model_changes(self._registry.entries(), registry.entries())
-        self._registry, old = registry, self._registry
-        old.close()
-        gone = {*changes.changed, *changes.removed}
-        for req in [r for r in self._requests.values() if r.entry.name in gone]:
-            if not req.granted.done():
-                self._run(self.engine.cancel(req.id, self._clock.now_ns()))
-                why = f"model {req.entry.name!r} was reconfigured while this request waited"
-                req.granted.set_exception(ServerBusyError(why))
-        for name in sorted(gone):
-            self._sizing.forget(name)
-            self._run(self.engine.unload(name, self._clock.now_ns(), fresh=True))
-        return changes
-
     def device_usage(self) -> list[tuple[DeviceUsage, int | None]]:
         return [] if self._executor is None else device_usage(self.core, self._executor)
 
@@ -344,7 +323,7 @@ class Scheduler(Admission):
                 ctx=inst.options.ctx,
                 device=inst.device,
                 runner=inst.runner,
-                on_decoded=functools.partial(self._decoded, entry.name),
+                on_decoded=functools.partial(self._seen.decoded_alone, self.core, entry.name),
             )
             return lease, req.id, ka
         raise RunnerError(f"the runner for {entry.name!r} kept failing its health check")
@@ -359,13 +338,6 @@ class Scheduler(Admission):
         now = self._clock.now_ns()
         self._run(self.engine.arrive(req.id, entry.name, shape_of(want), req.bytes, ka_ns, now))
         return req
-
-    def _decoded(self, key: str, tokens: int, ns: int) -> None:
-        """A request's decode speed, counted when it had its model to itself (requests that
-        share a runner share its device, and each decodes slower)."""
-        r = self.core.reservation(key)
-        if r is not None and r.refcount == 1:
-            self._seen.decoded(key, tokens, ns / 1e9)
 
     # ---- carrying out the engine's actions -----------------------------------------------------
     def _run(self, actions: list[Action]) -> None:

@@ -19,25 +19,25 @@ from typing import Protocol
 
 from residency._core import StopCause
 from residency.config import Settings
-from residency.errors import ModelTooLargeError, ResidencyError, RunnerError
+from residency.errors import ResidencyError, RunnerError
 from residency.memory import MemoryProbe
 from residency.metrics import ResidencyMetrics
 from residency.registry import ModelEntry
 from residency.runners import LaunchSpec, Runner, runner_class
 from residency.runners.choice import kv_persistence, resolve_kind
 from residency.scheduler.clock import Clock
+from residency.scheduler.device_memory import HOST_DEVICE, DeviceMemory
 from residency.scheduler.fallback import Placement, judge_placement
 from residency.scheduler.host_cache import HostCache
 from residency.scheduler.lease import LoadOptions
 from residency.scheduler.sizing import gib
 from residency.scheduler.tasks import Tasks
-from residency.watcher import RecoveryOutcome, Watcher
+from residency.watcher import Watcher
 
 __all__ = ["HOST_DEVICE", "Executor", "Instance", "RunnerFactory", "Tasks", "default_runner"]
 
 log = logging.getLogger("residency.scheduler")
 
-HOST_DEVICE = "host"
 
 #: The metrics' name for each engine stop cause (failed runners count as crashes or failed loads).
 _EVICTION_REASON = {
@@ -100,9 +100,8 @@ class Executor:
     ) -> None:
         self.settings = settings
         self._clock = clock
-        self._probe = probe
-        self._watcher = watcher
-        self._device_index = device_index
+        #: Free bytes per device, and the wait for victims' memory to come back.
+        self.memory = DeviceMemory(probe, watcher, device_index, settings.recovery_timeout_s)
         self._runner_factory = runner_factory
         self._events = events
         self._tasks = tasks
@@ -122,8 +121,8 @@ class Executor:
             entry=entry,
             options=options,
             device=device,
-            device_index=self.device_index_of(device),
-            device_indices=self._device_index.get(device, (0,)),
+            device_index=self.memory.indices_of(device)[0],
+            device_indices=self.memory.indices_of(device),
             gpu_layers=gpu_layers,
         )
         self.instances[key] = inst
@@ -161,28 +160,6 @@ class Executor:
             self.stopping[key] = (inst, task)
         return task
 
-    def device_index_of(self, device: str) -> int:
-        return self._device_index.get(device, (0,))[0]
-
-    def free_on(self, device: str) -> int | None:
-        """The device's free bytes as probed now (a spread device's: its GPUs' together)."""
-        total = 0
-        for index in self._device_index.get(device, (0,)):
-            free = self.free(index)
-            if free is None:
-                return None
-            total += free
-        return total
-
-    def free(self, index: int) -> int | None:
-        if self._probe is None:
-            return None
-        try:
-            return int(self._probe.query(index).free_bytes)
-        except ResidencyError as err:
-            log.warning("memory probe failed: %s", err)
-            return None
-
     # ---- loading and stopping -------------------------------------------------------------------
     async def _load(
         self, inst: Instance, stops: list[asyncio.Task[None]], freed_bytes: int, needed: int
@@ -190,7 +167,7 @@ class Executor:
         t0 = self._clock.now_ns()
         phases: list[float] = [time.monotonic()]  # real time of each phase's end, for the log
         try:
-            free_before = self.free_on(inst.device)
+            free_before = self.memory.free_on(inst.device)
             # When the device already shows the memory this load needs (a host with RAM to spare
             # beyond the configured budget), the victims' exit need not be awaited before the
             # spawn; with another load in flight its pending allocation is not visible, so no.
@@ -206,13 +183,14 @@ class Executor:
                 await asyncio.shield(asyncio.gather(*stops))
             phases.append(time.monotonic())
             if not overlap:
-                await self._await_memory(inst, free_before, freed_bytes if stops else 0, needed)
+                freed = freed_bytes if stops else 0
+                await self.memory.await_memory(inst.key, inst.device, free_before, freed, needed)
             phases.append(time.monotonic())
             runner = self._make_runner(inst)
             inst.runner = runner
             if host is not None:
                 host.mapped(inst.key, inst.entry.path, self._clock.now_ns())
-            free_at_spawn = None if overlap else self.free_on(inst.device)
+            free_at_spawn = None if overlap else self.memory.free_on(inst.device)
             await runner.start()
             await runner.wait_ready(self.settings.load_timeout_s())
             await asyncio.shield(asyncio.gather(*stops))
@@ -309,52 +287,6 @@ class Executor:
         if self.host_cache is not None:
             await self.host_cache.aclose()
 
-    # ---- memory --------------------------------------------------------------------------------
-    async def _await_memory(
-        self, inst: Instance, free_before: int | None, expected_freed: int, needed: int
-    ) -> None:
-        """After victims exit, wait until the device shows their memory back (drivers report it
-        late). On the host, also refuse to start a load the machine cannot hold."""
-        if self._probe is None or self._watcher is None or free_before is None:
-            return
-        free_now = self.free_on(inst.device)
-        if expected_freed == 0:
-            if free_now is None or free_now >= needed:
-                return
-            # Memory still held by something that exited (a crash) or by another process.
-            free_before, expected_freed = free_now, needed - free_now
-        members = inst.device_indices or (inst.device_index,)
-        for index in members:  # a spread model's share of the memory on each of its GPUs
-            share = len(members)
-            before = free_before if share == 1 else self.free(index)
-            if before is not None:
-                await self._recovered(inst, index, before, expected_freed // share, needed // share)
-
-    async def _recovered(
-        self, inst: Instance, index: int, free_before: int, expected_freed: int, needed: int
-    ) -> None:
-        assert self._probe is not None
-        assert self._watcher is not None
-        result = await self._watcher.recovered(
-            self._probe,
-            index,
-            free_before=free_before,
-            expected_freed=expected_freed,
-            needed=needed,
-            timeout_s=self.settings.recovery_timeout_s,
-        )
-        outcome, last = result.outcome, result.last_free_bytes
-        log.info("recovery on %s: %s after %.3f s (%d polls, %s free)", inst.device,
-                 outcome.name, result.elapsed_s, result.polls, gib(last))  # fmt: skip
-        recovered = outcome == RecoveryOutcome.RECOVERED
-        if not recovered and inst.device == HOST_DEVICE and last < needed:
-            # Ollama never checks CPU loads; starting one the host cannot hold invites the OOM
-            # killer into every process here.
-            raise ModelTooLargeError(
-                f"model {inst.key!r} needs {gib(needed)} but the host has {gib(last)} "
-                f"available after waiting {self.settings.recovery_timeout_s:g} s"
-            )
-
     def _measure(self, runner: Runner, inst: Instance, free_at_spawn: int | None) -> int | None:
         """The runner's own buffer report; else, on a GPU, what the device lost while it loaded."""
         reported = runner.reported_bytes()
@@ -371,7 +303,7 @@ class Executor:
             return None  # host free memory moves with every process: not a measurement
         if self._other_load_in_flight(inst):
             return None  # another load on the device blurs the difference
-        free_now = self.free_on(inst.device)
+        free_now = self.memory.free_on(inst.device)
         if free_now is None or free_now >= free_at_spawn:
             return None
         return free_at_spawn - free_now

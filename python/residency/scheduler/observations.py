@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from residency._core import ResidentSet
 from residency.keepalive import KeepAliveOrigin
 from residency.metrics import ResidencyMetrics
 from residency.scheduler.fallback import DecodeSpeed
@@ -23,6 +24,13 @@ class Observations:
 
     def keep_alive_set(self, model: str, origin: KeepAliveOrigin) -> None:
         self.keep_alive_origins[model] = origin
+
+    def decoded_alone(self, core: ResidentSet, model: str, tokens: int, ns: int) -> None:
+        """A request's decode speed, counted only when it had its model to itself (requests that
+        share a runner share its device, and each decodes slower)."""
+        r = core.reservation(model)
+        if r is not None and r.refcount == 1:
+            self.decoded(model, tokens, ns / 1e9)
 
     def decoded(self, model: str, tokens: int, seconds: float) -> None:
         """One request's decode (taken alone: the caller checks it had the model to itself)."""

@@ -65,4 +65,4 @@ def resident_rows(
 
 def device_usage(core: ResidentSet, executor: Executor) -> list[tuple[DeviceUsage, int | None]]:
     """Each device's accounting in the core, with the free bytes its probe reports now."""
-    return [(d, executor.free_on(d.id)) for d in core.devices()]
+    return [(d, executor.memory.free_on(d.id)) for d in core.devices()]
