@@ -5,11 +5,15 @@ Every scenario's trace goes through the engine the server runs (``residency.Engi
 simulator on a virtual clock) twice, side by side. The baseline is Ollama as it really behaves on
 Linux: ``queue=ollama`` (loaded models on a fast path, loads strictly FIFO, one at a time),
 ``policy=ollama`` eviction, and a kernel-LRU page cache of the host budget (llama.cpp maps model
-files, so recently loaded files reload from RAM). The candidate is residency's default: the
-affinity queue, the same eviction policy, and the core's managed host tier (``HostTier``: which
-files stay warm by decayed frequency, with admission, and prefetch while a load waits).
+files, so recently loaded files reload from RAM). The candidate is residency as it ships (the
+server's own default settings): the affinity queue (requests for a loading or ready model never
+wait behind other loads; a 60 s starvation deadline), the same eviction policy, and the core's
+managed host tier (``HostTier``: which bytes of which files stay warm by decayed frequency, with
+admission, and a prefetch while a load waits).
 
-A load costs ``cached ÷ host bandwidth + uncached ÷ disk bandwidth + engine start``; host bandwidth
+A load costs ``cached ÷ host bandwidth + uncached ÷ disk bandwidth + engine start``. Both share one
+disk (sim.disk): concurrent loads split its bandwidth, a prefetch reads only while no load does —
+so concurrency is never free, as it is not on a real NVMe. Host bandwidth
 and the measured engine start come from ``benchmarks/bench_warm.py`` on this machine (a CPU runner:
 its start is mostly the Python server's import; on a GPU machine add the CUDA context and the
 upload at PCIe speed, ≈ 1–3 s). Configurations: disk 2 and 7 GB/s × host budget 2× and 3× the GPU
@@ -43,8 +47,18 @@ import time
 from typing import Any
 
 from residency import policy_names
+from residency.config import Settings
 from residency.sim import SimConfig, SimResult, TraceConfig, make_trace, simulate
 
+#: The candidate is residency as it ships: the server's own defaults, read from its settings.
+_DEFAULTS = Settings.model_fields
+CANDIDATE = {
+    "queue": _DEFAULTS["queue"].default,
+    "max_loads": _DEFAULTS["max_loads"].default,
+    "starvation_s": _DEFAULTS["starvation_s"].default,
+    "host_half_life_s": _DEFAULTS["host_cache_half_life_s"].default,
+    "host_tier": "managed",
+}
 N_REQUESTS = 20_000
 QUICK_REQUESTS = 2_000
 #: Requests per second over all models: enough traffic that some models are always wanted, little
@@ -65,9 +79,10 @@ SCENARIOS: list[tuple[str, dict[str, Any]]] = [
     ("few large", {"alpha": 1.0, "cv": 1.0, "n_models": 6, "min_gb": 10.0}),
 ]
 
-#: From ``python benchmarks/bench_warm.py --iterations 3`` on the 2-core dev machine (median).
-MEASURED_HOST_GB_PER_S = 5.1
-MEASURED_ENGINE_START_S = 4.24
+#: From ``python benchmarks/bench_warm.py --iterations 5`` on the 2-core dev machine (median), with
+#: the default runner (llama-server): page-cache read bandwidth and the engine's start once read.
+MEASURED_HOST_GB_PER_S = 13.4
+MEASURED_ENGINE_START_S = 1.39
 DISKS = (2.0, 7.0)
 HOST_X = (2.0, 3.0)
 
@@ -111,7 +126,7 @@ def conversations(n: int, policy: str, engine_start_s: float, host_gbps: float) 
     common = {"host_cache_x": 2.0, "host_gb_per_s": host_gbps, "engine_start_s": engine_start_s}
     runs = {
         persist: simulate(
-            trace, SimConfig(policy=policy, host_tier="managed", kv_persist=persist, **common)
+            trace, SimConfig(policy=policy, kv_persist=persist, **CANDIDATE, **common)
         )
         for persist in (False, True)
     }
@@ -142,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_REQUESTS} requests each")
     parser.add_argument("--requests", type=int, default=None)
-    parser.add_argument("--policy", default="ollama", help="the candidate's eviction policy")
+    parser.add_argument("--policy", default=_DEFAULTS["policy"].default,
+                        help="the candidate's eviction policy")  # fmt: skip
     parser.add_argument("--host-gbps", type=float, default=MEASURED_HOST_GB_PER_S)
     parser.add_argument("--engine-start", type=float, default=MEASURED_ENGINE_START_S)
     args = parser.parse_args(argv)
@@ -160,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- {config}")
         common = {"host_cache_x": host_x, "host_gb_per_s": args.host_gbps, "engine_start_s": start}
         baseline_cfg = SimConfig(policy="ollama", queue="ollama", host_tier="lru", **common)
-        candidate_cfg = SimConfig(
-            policy=args.policy, queue="affinity", host_tier="managed", **common
-        )
+        candidate_cfg = SimConfig(policy=args.policy, **CANDIDATE, **common)
         for seed, (name, overrides) in enumerate(SCENARIOS):
             params = {"total_rate": TOTAL_RATE, "disk_gb_per_s": disk, **overrides}
             trace = make_trace(TraceConfig(n_requests=n, seed=seed, **params))

@@ -239,7 +239,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     hop_samples = 30 if args.quick else 200
     with tempfile.TemporaryDirectory() as tmp:
         config = config_file(Path(tmp))
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # address="local": always a private instance, never a cluster already running here.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             stock = await run_stock(models, PER_REPLICA)
             safe = await run_stock(models, SAFE_PER_REPLICA)

@@ -294,3 +294,23 @@ def test_a_fresh_unload_lets_requests_in_flight_finish_and_newcomers_wait() -> N
     e.ready("a", 6 * S, 1.0)
     e.done(2, 7 * S)
     assert kinds(e.unload("a", 8 * S, fresh=True)) == [("stop", "a")]
+
+
+def test_one_load_at_a_time_while_riders_and_hits_pass() -> None:
+    """max_loads=1: a second load waits for the first; its riders and ready models never do."""
+    e = Engine([Device("gpu0", 20 * GiB, 0, 3)], "ollama", "affinity", max_loads=1)
+    assert kinds(e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)) == [("load", "a"), ("grant", 1)]
+    # b fits beside a, but a second load would share the disk with a's: it waits (read ahead).
+    assert kinds(e.arrive(2, "b", SHAPE, 6 * GiB, KA, 1)) == [("prefetch", 2)]
+    assert kinds(e.arrive(3, "a", SHAPE, 6 * GiB, KA, 2)) == [("grant", 3)]  # rides a's load
+    assert e.loads_in_flight() == 1
+    assert kinds(e.ready("a", 2 * S, 2.0)) == [("load", "b"), ("grant", 2)]
+    assert kinds(e.arrive(4, "a", SHAPE, 6 * GiB, KA, 3 * S)) == [("grant", 4)]  # a hit
+    assert e.loads_in_flight() == 1
+
+
+def test_without_a_limit_loads_run_side_by_side() -> None:
+    e = Engine([Device("gpu0", 20 * GiB, 0, 3)], "ollama", "affinity")
+    e.arrive(1, "a", SHAPE, 6 * GiB, KA, 0)
+    assert kinds(e.arrive(2, "b", SHAPE, 6 * GiB, KA, 1)) == [("load", "b"), ("grant", 2)]
+    assert e.loads_in_flight() == 2

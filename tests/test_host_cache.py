@@ -1,5 +1,6 @@
 """The scheduler's host cache carries out the core's tier on real files: a prefetch warms (as
-mincore sees), a drop empties, a mapped file is never dropped, a pending warm can be cancelled."""
+mincore sees), a drop empties what the tier no longer keeps (a file's tail, or all of it), a mapped
+file is never dropped, a pending warm can be cancelled."""
 
 from __future__ import annotations
 
@@ -52,16 +53,18 @@ async def test_prefetch_warms_and_displacement_drops(files: list[Path]) -> None:
     await _settle(cache)
     assert told == {"a": SIZE}
     assert await cache.measure("a", 1) == SIZE  # warmed during the wait
-    # "b" is loaded twice (more valuable than "a", used never): "a" makes room and is dropped.
+    # "b" is loaded twice (more valuable than "a", used never): "a" makes the room b needs by
+    # giving up the second half of its file, and keeps the first.
     for t in (2, 3):
         cache.mapped("b", b, t)
         cache.loaded("b", t)
         cache.unmapped("b", t)
     await _settle(cache)
-    assert cache.tier.kept("b")
-    assert told == {"a": 0, "b": SIZE}
-    assert await cache.measure("a", 4) == 0
-    assert pagecache.resident_bytes(a) <= SIZE // 20
+    assert cache.tier.kept_of("b") == SIZE
+    assert cache.tier.kept_of("a") == SIZE // 2
+    assert told == {"a": SIZE // 2, "b": SIZE}
+    assert await cache.measure("a", 4) == SIZE // 2
+    assert pagecache.resident_bytes(a) == SIZE // 2
     await cache.aclose()
 
 
@@ -74,12 +77,13 @@ async def test_a_mapped_file_is_not_dropped_until_unmapped(files: list[Path]) ->
         cache.unmapped("a", t)
     cache.mapped("b", b, 2)
     pagecache.warm(b)  # the runner reads it
-    cache.loaded("b", 2)  # not admitted: read around, but mapped
+    cache.loaded("b", 2)  # only the room left is kept (half): the rest is read around
     await _settle(cache)
-    assert pagecache.resident_bytes(b) == SIZE
+    assert pagecache.resident_bytes(b) == SIZE  # but mapped: nothing dropped yet
     cache.unmapped("b", 3)
     await _settle(cache)
-    assert pagecache.resident_bytes(b) <= SIZE // 20
+    assert pagecache.resident_bytes(b) == SIZE // 2
+    assert cache.tier.kept_of("a") == SIZE
     await cache.aclose()
 
 

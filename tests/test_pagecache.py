@@ -41,6 +41,21 @@ def test_drop_then_warm_as_mincore_sees_it(synced_file: Path) -> None:
     assert pagecache.resident_bytes(synced_file) <= size // 20
 
 
+def test_a_part_warmed_and_a_tail_dropped_as_mincore_sees_it(synced_file: Path) -> None:
+    """The tier keeps files in part: warm the first bytes, drop all beyond the first bytes."""
+    size = synced_file.stat().st_size
+    half = 8 << 20
+    pagecache.drop(synced_file)
+    assert pagecache.warm(synced_file, limit=half) == half
+    # At least what was read; the kernel's read-ahead may add a window beyond it, never the file.
+    assert half <= pagecache.resident_bytes(synced_file) <= half + (4 << 20)
+    pagecache.warm(synced_file)
+    pagecache.drop(synced_file, keep=half + 100)  # a keep inside a page keeps that whole page
+    assert pagecache.resident_bytes(synced_file) == half + 4096
+    pagecache.drop(synced_file, keep=0)
+    assert pagecache.resident_bytes(synced_file) <= size // 20
+
+
 def test_a_cancelled_warm_reads_nothing_more(synced_file: Path) -> None:
     pagecache.drop(synced_file)
     cancel = threading.Event()

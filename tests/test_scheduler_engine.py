@@ -157,12 +157,17 @@ def small_trace(seed: int, n: int = 150) -> Trace:
     )
 
 
-@pytest.mark.parametrize("queue", ["ollama", "affinity"])
+@pytest.mark.parametrize(
+    ("queue", "max_loads", "seed"), [("ollama", 0, 11), ("affinity", 0, 12), ("affinity", 1, 10)]
+)
 async def test_differential_simulator_and_scheduler_take_the_same_actions(
-    tmp_path: Path, queue: str
+    tmp_path: Path, queue: str, max_loads: int, seed: int
 ) -> None:
-    trace = small_trace(seed=11 if queue == "ollama" else 12)
-    cfg = SimConfig(queue=queue, keep_alive_s=20.0, parallel=1 << 20, max_models=3, journal=True)
+    trace = small_trace(seed=seed)
+    cfg = SimConfig(
+        queue=queue, keep_alive_s=20.0, parallel=1 << 20, max_models=3, journal=True,
+        max_loads=max_loads, starvation_s=0.0,
+    )  # fmt: skip
     expected = simulate(trace, cfg).journal
     assert any(" load " in f" {line} " and "after" in line for line in expected)  # evictions
     assert any("keep-alive expired" in line for line in expected)
@@ -179,6 +184,8 @@ async def test_differential_simulator_and_scheduler_take_the_same_actions(
         queue=queue,
         max_loaded_models=cfg.max_models,
         max_queue=100_000,
+        max_loads=max_loads,
+        starvation_s=cfg.starvation_s,
         journal=True,
     )
     journal: list[str] = []

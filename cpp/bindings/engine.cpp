@@ -19,9 +19,10 @@ LoadShape make_shape(std::uint32_t ctx, std::uint32_t parallel, std::string kv_t
 
 std::unique_ptr<Engine> make_engine(std::vector<DeviceSpec> devices, const std::string& policy,
                                     const std::string& queue, std::uint32_t max_queue,
-                                    Nanos starvation_ns, bool journal, Nanos queue_timeout_ns) {
-  EngineOptions options{discipline_from(queue), max_queue, starvation_ns, journal,
-                        queue_timeout_ns};
+                                    Nanos starvation_ns, bool journal, Nanos queue_timeout_ns,
+                                    std::uint32_t max_loads) {
+  EngineOptions options{discipline_from(queue), max_queue,       starvation_ns,
+                        journal,                queue_timeout_ns, max_loads};
   return std::make_unique<Engine>(std::move(devices), make_policy(policy), options);
 }
 
@@ -87,7 +88,7 @@ void register_engine(py::module_& m) {
       .def(py::init(&make_engine), py::arg("devices"), py::arg("policy") = "ollama",
            py::arg("queue") = "affinity", py::arg("max_queue") = 512,
            py::arg("starvation_ns") = 0, py::arg("journal") = false,
-           py::arg("queue_timeout_ns") = 0)
+           py::arg("queue_timeout_ns") = 0, py::arg("max_loads") = 0)
       .def(
           "arrive",
           [](Engine& e, std::uint64_t request, const std::string& key, const LoadShape& shape,

@@ -19,9 +19,11 @@ void register_host_tier(py::module_& m) {
       .def_readonly("kind", &HostAction::kind)
       .def_readonly("key", &HostAction::key)
       .def_readonly("bytes", &HostAction::bytes)
+      .def_readonly("keep", &HostAction::keep)
       .def("__repr__", [](const HostAction& a) {
         return std::string("<HostAction ") + to_string(a.kind) + " " + a.key + " " +
-               std::to_string(a.bytes) + ">";
+               std::to_string(a.bytes) + (a.keep > 0 ? " keep " + std::to_string(a.keep) : "") +
+               ">";
       });
   py::class_<HostTier>(m, "HostTier", "Which model files the host keeps warm (sans-IO).")
       .def(py::init<std::uint64_t, Nanos>(), py::arg("budget"), py::arg("half_life_ns"))
@@ -34,6 +36,7 @@ void register_host_tier(py::module_& m) {
       .def("measured", &HostTier::measured, py::arg("key"), py::arg("warm_bytes"), py::arg("now"),
            GilFree())
       .def("kept", &HostTier::kept, py::arg("key"), GilFree())
+      .def("kept_of", &HostTier::kept_of, py::arg("key"), GilFree())
       .def("warm_bytes", &HostTier::warm_bytes, py::arg("key"), GilFree())
       .def("frequency", &HostTier::frequency, py::arg("key"), py::arg("now"), GilFree())
       .def_property_readonly("kept_bytes", &HostTier::kept_bytes)

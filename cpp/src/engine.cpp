@@ -218,6 +218,10 @@ void Engine::schedule_locked(std::vector<Action>& out, Nanos now) {
   // Loads start in the order of the oldest waiting request; Ollama allows one in flight.
   while (!queue_.empty()) {
     if (options_.discipline == Discipline::Ollama && loads_in_flight_ > 0) return;
+    if (options_.max_loads > 0 && loads_in_flight_ >= options_.max_loads &&
+        !servable_locked(requests_.at(queue_.begin()->second))) {
+      return;  // the head needs a load and enough are under way: it starts when one is done
+    }
     Request& head = requests_.at(queue_.begin()->second);
     if (!serve_head_locked(out, head, now)) return;
   }

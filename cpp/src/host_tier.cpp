@@ -24,51 +24,47 @@ void HostTier::use_locked(File& f, Nanos now) {
 }
 
 bool HostTier::admit_locked(std::vector<HostAction>& out, const std::string& key, File& f,
-                            Nanos now) {
-  if (f.kept) return true;
-  if (f.bytes > budget_) return false;
+                            Nanos now, bool displace_any) {
+  const std::uint64_t want = std::min(f.bytes, budget_);
+  if (f.kept >= want) return f.kept > 0;
   const double mine = value_locked(f, now);
   // Candidates to displace, least valuable first (ties by name: deterministic).
   std::vector<std::tuple<double, std::string>> others;
   for (const auto& [k, o] : files_) {
-    if (o.kept && k != key) others.emplace_back(value_locked(o, now), k);
+    if (o.kept > 0 && k != key) others.emplace_back(value_locked(o, now), k);
   }
   std::sort(others.begin(), others.end());
-  std::uint64_t room = budget_ - kept_bytes_;
-  std::size_t take = 0;
-  while (room < f.bytes && take < others.size()) {
-    if (std::get<0>(others[take]) >= mine) return false;  // would displace a better file
-    room += files_.at(std::get<1>(others[take])).bytes;
-    ++take;
+  std::uint64_t room = budget_ - kept_bytes_ + f.kept;
+  for (const auto& [value, victim] : others) {
+    if (room >= want || (value >= mine && !displace_any)) break;  // else not a better file
+    File& o = files_.at(victim);
+    const std::uint64_t give = std::min(o.kept, want - room);
+    trim_locked(out, victim, o, o.kept - give);  // the last one may keep its first bytes
+    room += give;
   }
-  if (room < f.bytes) return false;
-  for (std::size_t i = 0; i < take; ++i) {
-    const std::string& victim = std::get<1>(others[i]);
-    release_locked(out, victim, files_.at(victim));
-  }
-  f.kept = true;
-  kept_bytes_ += f.bytes;
-  return true;
+  const std::uint64_t keep = std::min(want, room);
+  kept_bytes_ += keep - f.kept;
+  f.kept = keep;
+  return keep > 0;
 }
 
-void HostTier::release_locked(std::vector<HostAction>& out, const std::string& key, File& f) {
-  if (f.kept) {
-    f.kept = false;
-    kept_bytes_ -= f.bytes;
+void HostTier::trim_locked(std::vector<HostAction>& out, const std::string& key, File& f,
+                           std::uint64_t keep) {
+  if (keep < f.kept) {
+    kept_bytes_ -= f.kept - keep;
+    f.kept = keep;
   }
   // A mapped file stays: the kernel would not drop pages in use anyway; unmapping drops it.
-  if (!f.mapped && f.warm > 0) {
-    out.push_back({HostActionKind::Drop, key, f.warm});
-    f.warm = 0;
+  if (!f.mapped && f.warm > f.kept) {
+    out.push_back({HostActionKind::Drop, key, f.warm - f.kept, f.kept});
+    f.warm = f.kept;
   }
 }
 
 void HostTier::resize_locked(File& f, std::uint64_t bytes) {
   if (f.bytes == bytes) return;
-  if (f.kept) {  // admitted at another size: admit again
-    f.kept = false;
-    kept_bytes_ -= f.bytes;
-  }
+  kept_bytes_ -= f.kept;  // admitted at another size: admit again
+  f.kept = 0;
   f.bytes = bytes;
   f.warm = std::min(f.warm, bytes);
 }
@@ -80,7 +76,8 @@ std::vector<HostAction> HostTier::loaded(const std::string& key, std::uint64_t b
   resize_locked(f, bytes);
   use_locked(f, now);
   f.warm = bytes;  // the load read it all
-  if (!admit_locked(out, key, f, now)) release_locked(out, key, f);
+  admit_locked(out, key, f, now);
+  trim_locked(out, key, f, f.kept);  // what is not kept leaves (once unmapped)
   return out;
 }
 
@@ -90,9 +87,9 @@ std::vector<HostAction> HostTier::waiting(const std::string& key, std::uint64_t 
   File& f = files_[key];
   resize_locked(f, bytes);
   // No use counted: the load that follows counts it (once per load, prefetched or not).
-  if (admit_locked(out, key, f, now) && f.warm < f.bytes) {
-    out.push_back({HostActionKind::Warm, key, f.bytes});
-    f.warm = f.bytes;
+  if (admit_locked(out, key, f, now, /*displace_any=*/true) && f.warm < f.kept) {
+    out.push_back({HostActionKind::Warm, key, f.kept, 0});
+    f.warm = f.kept;
   }
   return out;
 }
@@ -102,7 +99,7 @@ std::vector<HostAction> HostTier::mapped(const std::string& key, bool is_mapped,
   std::vector<HostAction> out;
   File& f = files_[key];
   f.mapped = is_mapped;
-  if (!is_mapped && !f.kept) release_locked(out, key, f);
+  if (!is_mapped) trim_locked(out, key, f, f.kept);
   return out;
 }
 
@@ -112,14 +109,20 @@ std::vector<HostAction> HostTier::measured(const std::string& key, std::uint64_t
   std::vector<HostAction> out;
   File& f = files_[key];
   f.warm = f.bytes > 0 ? std::min(warm_bytes, f.bytes) : warm_bytes;
-  if (!f.kept) release_locked(out, key, f);
+  trim_locked(out, key, f, f.kept);
   return out;
 }
 
 bool HostTier::kept(const std::string& key) const {
   const std::lock_guard lock(mutex_);
   const auto it = files_.find(key);
-  return it != files_.end() && it->second.kept;
+  return it != files_.end() && it->second.kept > 0;
+}
+
+std::uint64_t HostTier::kept_of(const std::string& key) const {
+  const std::lock_guard lock(mutex_);
+  const auto it = files_.find(key);
+  return it == files_.end() ? 0 : it->second.kept;
 }
 
 std::uint64_t HostTier::warm_bytes(const std::string& key) const {

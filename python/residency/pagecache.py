@@ -65,33 +65,40 @@ def resident_bytes(path: Path | str) -> int:
     return (resident - last_in) * _PAGE + (tail if last_in else 0)
 
 
-def drop(path: Path | str) -> None:
-    """Asks the kernel to drop ``path``'s clean pages from the page cache (pages a process maps and
-    uses may stay: the kernel never drops what is in use, which is why callers never drop a file a
-    runner maps — it would be a no-op at best and a stall for the runner at worst)."""
+def drop(path: Path | str, *, keep: int = 0) -> None:
+    """Asks the kernel to drop ``path``'s clean pages from the page cache beyond its first ``keep``
+    bytes (0: all of it). Pages a process maps and uses may stay: the kernel never drops what is in
+    use, which is why callers never drop a file a runner maps — it would be a no-op at best and a
+    stall for the runner at worst."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        # Whole pages only: the page holding byte `keep - 1` stays.
+        start = -(-keep // _PAGE) * _PAGE
+        os.posix_fadvise(fd, start, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
 
-def warm(path: Path | str, *, cancelled: threading.Event | None = None) -> int:
-    """Reads ``path`` into the page cache (read-ahead hint, then a streaming read so it is really
-    there when this returns). ``cancelled`` is checked between chunks. Returns the bytes read."""
+def warm(
+    path: Path | str, *, cancelled: threading.Event | None = None, limit: int | None = None
+) -> int:
+    """Reads ``path`` (its first ``limit`` bytes; None: all) into the page cache (read-ahead hint,
+    then a streaming read so it is really there when this returns). ``cancelled`` is checked
+    between chunks. Returns the bytes read."""
     is_set = cancelled.is_set if cancelled is not None else None
     if is_set is not None and is_set():
         return 0
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     done = 0
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        os.posix_fadvise(fd, 0, limit or 0, os.POSIX_FADV_WILLNEED)
         buf = bytearray(WARM_CHUNK)
         view = memoryview(buf)
-        while True:
+        while limit is None or done < limit:
             if is_set is not None and is_set():
                 break
-            n = os.readv(fd, [view])
+            want = view if limit is None else view[: min(WARM_CHUNK, limit - done)]
+            n = os.readv(fd, [want])
             if n <= 0:
                 break
             done += n

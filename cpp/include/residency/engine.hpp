@@ -62,6 +62,11 @@ struct EngineOptions {
   /// A queued request still waiting this long is rejected (TimedOut); 0 = it waits as long as it
   /// takes. Requests granted on a loading model are bounded by the load's own timeout instead.
   Nanos queue_timeout = 0;
+  /// Affinity only: loads in flight at once; 0 = no limit. Loads share the disk (two at once each
+  /// take twice as long: one at a time serves the first sooner) and each reserves its memory from
+  /// the start, evicting victims that could still serve, so one at a time (Ollama's rule) serves
+  /// faster and holds less; riders, requests for ready models and prefetches still never wait.
+  std::uint32_t max_loads = 0;
 };
 
 inline constexpr Nanos kDefaultStarvation = Nanos{10} * 1'000'000'000;

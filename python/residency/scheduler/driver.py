@@ -116,7 +116,7 @@ class Scheduler(Admission):
         devices, index = engine_devices(s, self._device_infos)
         self._engine = Engine(
             devices, s.policy, s.queue, s.max_queue, int(s.starvation_s * 1e9), self._journal,
-            queue_timeout_ns=int(s.queue_timeout_s * 1e9),
+            queue_timeout_ns=int(s.queue_timeout_s * 1e9), max_loads=s.max_loads,
         )  # fmt: skip
         self._watcher = Watcher()
         self._watcher.start()

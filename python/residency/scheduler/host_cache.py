@@ -35,7 +35,7 @@ class HostCache:
     def __init__(
         self,
         budget_bytes: int,
-        half_life_s: float = 3600.0,
+        half_life_s: float = 300.0,
         *,
         min_file_bytes: int = MIN_FILE,
         on_warm: WarmListener | None = None,
@@ -121,36 +121,36 @@ class HostCache:
             path = self._paths.get(a.key)
             if path is None or a.bytes < self.min_file_bytes:
                 continue
-            if a.kind == HostActionKind.WARM:
+            if a.kind == HostActionKind.WARM:  # its first a.bytes (the tier may keep a part)
                 if a.key not in self._warming:
                     # Registered now, so that the load that follows can cancel it even before
                     # it had its turn at the disk.
                     self._warming[a.key] = threading.Event()
-                    self._spawn(self._warm(a.key, path, self._warming[a.key]))
+                    self._spawn(self._warm(a.key, path, self._warming[a.key], a.bytes))
             elif path not in self._mapped:  # never drop what a runner maps (any entry's)
                 self._cancel(a.key)
-                self.on_warm(a.key, 0)
-                self._spawn(self._drop(path))
+                self.on_warm(a.key, a.keep)
+                self._spawn(self._drop(path, a.keep))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _warm(self, key: str, path: Path, cancel: threading.Event) -> None:
+    async def _warm(self, key: str, path: Path, cancel: threading.Event, nbytes: int) -> None:
         try:
             async with self._io:
-                await asyncio.to_thread(pagecache.warm, path, cancelled=cancel)
+                await asyncio.to_thread(pagecache.warm, path, cancelled=cancel, limit=nbytes)
             if not cancel.is_set():
-                self.on_warm(key, _size(path))
+                self.on_warm(key, min(nbytes, _size(path)))
         except OSError as err:
             log.warning("page cache: cannot warm %s: %s", path, err)
         finally:
             self._warming.pop(key, None)
 
-    async def _drop(self, path: Path) -> None:
+    async def _drop(self, path: Path, keep: int = 0) -> None:
         try:
-            await asyncio.to_thread(pagecache.drop, path)
+            await asyncio.to_thread(pagecache.drop, path, keep=keep)
         except OSError as err:
             log.warning("page cache: cannot drop %s: %s", path, err)
 

@@ -8,8 +8,9 @@ eviction policies can be compared by measurement.
 
 from __future__ import annotations
 
+from residency.sim.config import SimConfig, SimResult
 from residency.sim.page_cache import LruPageCache
-from residency.sim.simulator import SimConfig, SimResult, simulate
+from residency.sim.simulator import simulate
 from residency.sim.trace import ModelSpec, Trace, TraceConfig, make_trace
 
 __all__ = [

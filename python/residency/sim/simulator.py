@@ -15,118 +15,22 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from residency._core import Action, ActionKind, Device, Engine, LoadShape
-from residency.errors import ConfigError
+from residency.sim.config import SimConfig, SimResult
 from residency.sim.conversations import ConversationCosts
+from residency.sim.disk import Disk
 from residency.sim.host import HostCache, ManagedHost
 from residency.sim.trace import GB, Trace
 
 NS = 1_000_000_000
 
 # Event kinds, ordered so that at equal times completions free things before others need them.
-_SERVED, _GONE, _READY, _TICK, _ARRIVE = 0, 1, 2, 3, 4
+_SERVED, _GONE, _DISK, _BEGIN, _READY, _TICK, _ARRIVE = range(7)
 #: Every simulated request asks for the same runner shape: the trace varies models, not options.
 SHAPE = LoadShape(ctx=4096)
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    policy: str = "ollama"
-    #: Queue discipline: "affinity" (residency's default) or "ollama" (Ollama's FIFO, one load).
-    queue: str = "affinity"
-    #: Affinity's starvation deadline; 0 = the engine's adaptive default (the mean load time).
-    starvation_s: float = 0.0
-    #: The keep-alive every request carries (Ollama's default 5 minutes); < 0 forever, 0 none.
-    keep_alive_s: float = 300.0
-    #: Seconds between a runner's exit and its memory showing free again (driver lag).
-    recovery_lag_s: float = 1.0
-    #: Requests one runner serves at once (llama.cpp slots); more wait at the runner.
-    parallel: int = 4
-    #: Models one device may hold (Ollama's OLLAMA_MAX_LOADED_MODELS per GPU).
-    max_models: int = 3
-    #: Keep the engine's journal of actions (for differential tests).
-    journal: bool = False
-    #: The host's page cache (the kernel's LRU) as a multiple of the GPU budget; 0: none, every
-    #: load reads from disk at the trace's load cost (the earlier, pessimistic baseline).
-    host_cache_x: float = 0.0
-    #: Reading a file from the page cache (GB/s; calibrate with benchmarks/bench_warm.py).
-    host_gb_per_s: float = 9.0
-    #: Starting the engine once the weights are read; None: the trace's own engine start.
-    engine_start_s: float | None = None
-    #: Who decides what stays in the page cache: "lru" (the kernel) or "managed" (the core's
-    #: HostTier, with prefetch while loads wait).
-    host_tier: str = "lru"
-    #: The managed tier's half-life of past uses.
-    host_half_life_s: float = 3600.0
-    #: Conversations (a trace with ``turns_mean``): slots saved at a runner's stop and restored
-    #: into its successor (runners.kvcache), or, off, every cold turn prefills its context.
-    kv_persist: bool = False
-    #: The cost model's calibration, Gemma 3 270M on the 2-core dev machine (sim.conversations,
-    #: from benchmarks/bench_kv_restore.py): prefill speed, KV bytes per token, restore and save
-    #: bandwidth (llama-server's own timings), and the save bound.
-    prefill_tokens_per_s: float = 500.0
-    kv_bytes_per_token: float = 18_432.0
-    kv_restore_gb_per_s: float = 7.7
-    kv_save_gb_per_s: float = 1.4
-    kv_save_timeout_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.recovery_lag_s < 0 or self.parallel < 1 or self.max_models < 1:
-            raise ConfigError("sim: need recovery_lag_s ≥ 0, parallel ≥ 1 and max_models ≥ 1")
-        if self.host_cache_x < 0 or self.host_gb_per_s <= 0:
-            raise ConfigError("sim: need host_cache_x ≥ 0 and host_gb_per_s > 0")
-        if self.engine_start_s is not None and self.engine_start_s < 0:
-            raise ConfigError("sim: engine_start_s must be ≥ 0")
-        if self.host_tier not in ("lru", "managed") or self.host_half_life_s <= 0:
-            raise ConfigError("sim: host_tier is 'lru' or 'managed', host_half_life_s > 0")
-        if self.starvation_s < 0:
-            raise ConfigError("sim: starvation_s must be ≥ 0")
-        rates = (self.prefill_tokens_per_s, self.kv_bytes_per_token, self.kv_restore_gb_per_s,
-                 self.kv_save_gb_per_s)  # fmt: skip
-        if min(rates) <= 0 or self.kv_save_timeout_s < 0:
-            raise ConfigError("sim: conversation rates must be > 0, kv_save_timeout_s ≥ 0")
-
-
-@dataclass(frozen=True)
-class SimResult:
-    policy: str
-    queue: str
-    requests: int
-    served: int
-    rejected: int
-    cold_loads: int
-    load_seconds: float
-    #: Models chosen as victims to make room, and models unloaded because their keep-alive ran out.
-    evictions: int
-    expirations: int
-    #: Requests not granted at arrival (they queued).
-    waited: int
-    #: Time to first token = queueing + loading + waiting for a slot (service starts).
-    ttft_p50_s: float
-    ttft_p99_s: float
-    ttft_max_s: float
-    ttft_mean_s: float
-    #: ∫ bytes of ready models serving no request dt, in GB·s (memory held in vain).
-    idle_gb_s: float
-    #: ∫ bytes of loading and ready models dt, in GB·s.
-    resident_gb_s: float
-    #: Virtual seconds from the first arrival to the last completion.
-    duration_s: float
-    #: Bytes loads read from the host's page cache instead of disk, in GB.
-    host_hit_gb: float = 0.0
-    #: Conversations: seconds first tokens waited for earlier turns' context, and how many turns
-    #: had it prefilled again or restored from a saved slot.
-    context_s: float = 0.0
-    context_prefills: int = 0
-    context_restores: int = 0
-    journal: tuple[str, ...] = ()
-
-    def row(self) -> dict[str, float | int | str]:
-        return {k: v for k, v in self.__dict__.items() if k != "journal"}
 
 
 class _Model:
@@ -148,7 +52,8 @@ class _Model:
 #: Called after every event with the engine, the virtual time, the event ("arrive", "served",
 #: "ready", "gone", "tick"), its request or model index, and the actions (tests check invariants).
 Observer = Callable[[Engine, int, str, int, list[Action]], None]
-_EVENT_NAMES = {0: "served", 1: "gone", 2: "ready", 3: "tick", 4: "arrive"}
+_EVENT_NAMES = {_SERVED: "served", _GONE: "gone", _DISK: "disk", _BEGIN: "begin", _READY: "ready",
+                _TICK: "tick", _ARRIVE: "arrive"}  # fmt: skip
 
 
 def simulate(trace: Trace, cfg: SimConfig, observer: Observer | None = None) -> SimResult:
@@ -160,6 +65,7 @@ def simulate(trace: Trace, cfg: SimConfig, observer: Observer | None = None) -> 
         max_queue=1 << 31,
         starvation_ns=int(cfg.starvation_s * NS),
         journal=cfg.journal,
+        max_loads=cfg.max_loads,
     )
     return _Run(trace, cfg, engine, observer).run()
 
@@ -185,6 +91,9 @@ class _Run:
         self.load_s = self.idle = self.resident = 0.0
         self.now = 0
         self.host = _host(trace, cfg)
+        self.disk = None if self.host is None else self.host.disk
+        self.disk_armed = -1  # the disk's version the pending completion event was computed at
+        self.reading: dict[int, tuple[int, float]] = {}  # model → (read began, RAM part's seconds)
         if isinstance(self.host, ManagedHost):
             self.host.on_warm = engine.resident_set.set_host_warm
         self.conversations = _conversations(trace, cfg)
@@ -234,6 +143,15 @@ class _Run:
             elif kind == _GONE:
                 del self.gone_at[p]
                 actions = engine.gone(self.models[p].key, now)
+            elif kind == _BEGIN:
+                self.begin_read(p)
+                actions = []
+            elif kind == _DISK:
+                if p != self.disk_armed:
+                    continue  # the disk changed since: a later event has the right time
+                self.disk_armed = -1
+                self.disk_done()
+                actions = []
             else:  # _TICK
                 if p != self.tick_armed:
                     continue  # superseded by an earlier one that already ran
@@ -241,6 +159,7 @@ class _Run:
                 actions = engine.tick(now)
             self.execute(actions)
             self.arm_tick()
+            self.arm_disk()
             if self.observer is not None:
                 self.observer(engine, now, _EVENT_NAMES[kind], p, actions)
         return self.result()
@@ -275,14 +194,54 @@ class _Run:
         # As the server does: the runner starts once its victims have exited and their memory
         # is back (their Stop actions came first, so their gone times are known).
         begin = max([self.now, *(self.gone_at[v] for v in victims)])
-        load_s = m.load_s
-        if self.host is not None:
-            start = self.cfg.engine_start_s
-            load_s = self.host.read_seconds(m.key, m.bytes, self.now, begin) + (
-                self.trace.config.engine_start_s if start is None else start
-            )
-        self.load_s += load_s
-        self.push(begin + round(load_s * NS), _READY, mi)
+        if self.host is None:  # no page cache: the trace's own load cost, as before
+            self.load_s += m.load_s
+            self.push(begin + round(m.load_s * NS), _READY, mi)
+            return
+        if begin > self.now:  # the load waits for its victims: prefetch meanwhile
+            self.host.waiting(m.key, m.bytes, self.now)
+        self.push(begin, _BEGIN, mi)
+
+    def begin_read(self, mi: int) -> None:
+        """The load starts reading its file: what is in RAM at host speed, the rest from disk."""
+        assert self.host is not None
+        assert self.disk is not None
+        m = self.models[mi]
+        hit = self.host.begin_read(m.key, m.bytes, self.now)
+        self.reading[mi] = (self.now, hit / (self.cfg.host_gb_per_s * GB))
+        if hit < m.bytes:
+            self.disk.start(f"load:{mi}", m.bytes - hit, self.now, background=False)
+        else:
+            self.read_done(mi)
+
+    def read_done(self, mi: int) -> None:
+        began, ram_s = self.reading.pop(mi)
+        start = self.cfg.engine_start_s
+        rest = ram_s + (self.trace.config.engine_start_s if start is None else start)
+        self.load_s += (self.now - began) / NS + rest
+        self.push(self.now + round(rest * NS), _READY, mi)
+
+    def disk_done(self) -> None:
+        assert self.disk is not None
+        assert self.host is not None
+        self.disk.advance(self.now)
+        nxt = self.disk.next_done()
+        while nxt is not None and nxt[0] <= self.now:
+            job = nxt[1]
+            if job.startswith("load:"):
+                self.disk.finish(job, self.now)
+                self.read_done(int(job.removeprefix("load:")))
+            else:
+                self.host.prefetched(job, self.now)
+            nxt = self.disk.next_done()
+
+    def arm_disk(self) -> None:
+        if self.disk is None or self.disk.version == self.disk_armed:
+            return
+        nxt = self.disk.next_done()
+        self.disk_armed = self.disk.version
+        if nxt is not None:
+            self.push(nxt[0], _DISK, self.disk.version)
 
     def stop(self, mi: int, *, expired: bool) -> None:
         m = self.models[mi]
@@ -363,10 +322,12 @@ def _host(trace: Trace, cfg: SimConfig) -> HostCache | None:
     if not cfg.host_cache_x:
         return None
     budget = int(trace.budget_bytes * cfg.host_cache_x)
-    disk = trace.config.disk_gb_per_s
+    # A byte read from disk reaches the runner through the page cache too: the slower of the two
+    # sets the pace (with a disk faster than the host's copy, a cached byte is no dearer).
+    disk = Disk(min(trace.config.disk_gb_per_s, cfg.host_gb_per_s) * GB)
     if cfg.host_tier == "managed":
-        return ManagedHost(budget, cfg.host_gb_per_s, disk, cfg.host_half_life_s)
-    return HostCache(budget, cfg.host_gb_per_s, disk)
+        return ManagedHost(budget, disk, cfg.host_half_life_s)
+    return HostCache(budget, disk)
 
 
 def _conversations(trace: Trace, cfg: SimConfig) -> ConversationCosts | None:
