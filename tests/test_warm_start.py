@@ -126,6 +126,7 @@ async def test_the_servers_prefetch_warms_the_file_during_the_wait(
 
     s = Scheduler(settings, runner_factory=recording)
     await s.start()
+    load: asyncio.Task[object] | None = None
     try:
         async with s.session("busy"):
             load = asyncio.create_task(s.load("gemma"))
@@ -142,4 +143,8 @@ async def test_the_servers_prefetch_warms_the_file_during_the_wait(
             assert reads.read_bytes < file_size(gguf) // 10, reads
     finally:
         await s.stop()
+        if load is not None and not load.done():
+            load.cancel()
+        if load is not None:
+            await asyncio.gather(load, return_exceptions=True)  # retrieved, whatever it was
         gc.collect()
