@@ -98,6 +98,20 @@ class FakeResident:
 
 
 @dataclass
+class FakeWarmFile:
+    name: str
+    warm_bytes: int
+    kept: bool = True
+
+
+@dataclass
+class FakeHostTier:
+    budget_bytes: int = 16_000_000_000
+    kept_bytes: int = 0
+    files: list[FakeWarmFile] = field(default_factory=list)
+
+
+@dataclass
 class FakeDeviceUsage:
     id: str = "cuda:0"
     total_bytes: int = 8_000_000_000
@@ -349,6 +363,8 @@ class FakeScheduler:
         self.started = False
         self.stopped = False
         self.expires_at: datetime | None = datetime.now(timezone.utc) + timedelta(minutes=5)
+        #: The host page cache's tier (None: left to the kernel, as with host_cache_bytes 0).
+        self.tier: FakeHostTier | None = None
         self.metrics = ResidencyMetrics()
         self.metrics.source = self
 
@@ -385,6 +401,9 @@ class FakeScheduler:
 
     def failing(self) -> list[dict[str, Any]]:
         return []
+
+    def host_tier(self) -> FakeHostTier | None:
+        return self.tier
 
     async def unload(self, model: str) -> None:
         name = self.resolve(model).name

@@ -26,9 +26,9 @@ CPU_BENCHMARKS = sorted(
 #: Seconds one quick run may take on the 2-core CI machine (the slowest starts a real runner).
 QUICK_LIMIT_S = 240
 #: Benchmarks that start the real llama-cpp-python runner.
-NEEDS_LLAMA_CPP = {"bench_facade.py", "bench_estimate.py", "bench_warm.py"}
+NEEDS_LLAMA_CPP = {"bench_facade.py", "bench_estimate.py"}
 #: Benchmarks that start llama.cpp's llama-server (scripts/build-llama-server.sh builds it).
-NEEDS_LLAMA_SERVER = {"bench_swap.py", "bench_kv_restore.py", "bench_cancel.py"}
+NEEDS_LLAMA_SERVER = {"bench_swap.py", "bench_kv_restore.py", "bench_cancel.py", "bench_warm.py"}
 
 
 @pytest.mark.timeout(QUICK_LIMIT_S + 30)

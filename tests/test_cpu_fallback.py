@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from residency.api import create_app
-from residency.cli_client import cmd_ps
+from residency.cli_client import cmd_ps, human_bytes
 from residency.config import load_settings
 from residency.memory import SimulatedDevice
 from residency.scheduler import Scheduler
@@ -135,7 +135,9 @@ async def test_a_partial_offload_is_flagged_in_ps_api_ps_metrics_and_the_log(
     assert "60%/40% CPU/GPU" in lines["partial:latest"]
     assert lines["partial:latest"].endswith("ready, CPU fallback (partial)")
     assert "100% GPU" in lines["whole:latest"]
-    assert lines["whole:latest"].split()[-2:] == ["sim:0", "ready"]
+    warm = "-" if whole["warm_bytes"] is None else human_bytes(whole["warm_bytes"])
+    tail = ["sim:0", *warm.split(), "ready"]  # DEVICE, WARM, STATE
+    assert lines["whole:latest"].split()[-len(tail) :] == tail
 
     assert 'residency_model_cpu_fallback{model="partial"} 1.0' in metrics
     assert 'residency_model_cpu_fallback{model="whole"} 0.0' in metrics

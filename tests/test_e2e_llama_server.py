@@ -8,6 +8,8 @@ One server for the module; tests run in file order.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,3 +164,30 @@ def test_unload_stops_the_runner(server: Server) -> None:
     server.unload("gemma")
     assert not _resident(server)
     assert not runner_pids(server.proc.pid)
+
+
+def test_an_unloaded_models_warm_file_shows_in_ps_and_the_cli(server: Server) -> None:
+    """After its runner exits, the model's file stays warm in host RAM (the host tier keeps it):
+    /api/ps's host_tier lists it though `models` does not, and so does `residency ps`."""
+    server.chat("gemma", [{"role": "user", "content": "hi"}])
+    server.unload("gemma")
+    ps = server.ps()
+    assert "gemma:latest" not in {m["name"] for m in ps["models"]}
+    tier = ps["host_tier"]
+    assert tier["budget_bytes"] > 0
+    files = {f["name"]: f for f in tier["files"]}
+    size = default_model_path().stat().st_size
+    assert files["gemma:latest"]["warm_bytes"] > size // 2  # mincore: the runner read it all
+    assert files["gemma:latest"]["kept"]
+    assert tier["kept_bytes"] >= size
+    shown = subprocess.run(
+        [sys.executable, "-m", "residency", "ps", "--host", server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    head, below = shown.split("\n\n", 1)
+    assert "gemma" not in head  # the table: nothing loaded
+    assert below.startswith("Warm in host RAM, not loaded")
+    assert any(line.split()[0] == "gemma:latest" for line in below.splitlines()[2:])

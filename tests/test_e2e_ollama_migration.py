@@ -156,7 +156,7 @@ def test_generate_uses_the_params_layers_context(server: Server) -> None:
     assert row["context_length"] == NUM_CTX
 
 
-def test_ps_prints_ollamas_columns_plus_device_and_state(server: Server) -> None:
+def test_ps_prints_ollamas_columns_plus_device_warm_and_state(server: Server) -> None:
     out = cli(server, "ps")
     assert out.returncode == 0, out.stderr
     header, row = out.stdout.splitlines()
@@ -168,13 +168,15 @@ def test_ps_prints_ollamas_columns_plus_device_and_state(server: Server) -> None
         "CONTEXT",
         "UNTIL",
         "DEVICE",
+        "WARM",
         "STATE",
     ]
     assert row.startswith(MODEL)
     assert "100% CPU" in row  # no GPU here: the host device
     assert f" {NUM_CTX} " in row
     assert re.search(r"\d+ minutes from now|About a minute from now|seconds from now", row)
-    assert row.split()[-2:] == ["host", "ready"]
+    # DEVICE, WARM (its file's bytes in host RAM: the runner just read it), STATE
+    assert re.search(r" host +[\d.]+ [KMG]?B +ready$", row), row
     (as_json,) = json.loads(cli(server, "ps", "--json").stdout)["models"]
     assert as_json["name"] == MODEL
 
@@ -215,7 +217,12 @@ def test_stop_unloads(server: Server) -> None:
     out = cli(server, "stop", MODEL)
     assert out.returncode == 0, out.stderr
     wait_until(lambda: not _ps(server), 30, "the model to unload")
-    assert cli(server, "ps").stdout.splitlines()[1:] == []
+    table, *below = cli(server, "ps").stdout.split("\n\n")
+    assert table.splitlines()[1:] == []  # nothing loaded
+    # What stays: its file, warm in host RAM (the host tier keeps it), listed below the table.
+    (warm,) = below
+    assert warm.startswith("Warm in host RAM, not loaded")
+    assert [line.split()[0] for line in warm.splitlines()[2:]] == [MODEL]
 
 
 def test_a_model_without_num_ctx_gets_ollama_context_length(server: Server) -> None:

@@ -72,3 +72,30 @@ def test_an_empty_file_has_no_resident_bytes(tmp_path: Path) -> None:
 def test_a_missing_file_is_an_os_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         pagecache.resident_bytes(tmp_path / "missing")
+
+
+def test_the_kernel_counts_a_dropped_files_read_and_not_a_warm_ones(synced_file: Path) -> None:
+    """``storage_reads`` is the kernel's own count: reading the dropped file reads it from storage,
+    reading it again (warm) reads nothing more."""
+    size = synced_file.stat().st_size
+    if pagecache.storage_reads(os.getpid()).read_bytes is None:
+        pytest.skip("this kernel keeps no per-process I/O accounting (/proc/PID/io)")
+    pagecache.drop(synced_file)
+
+    def read_bytes() -> int:
+        count = pagecache.storage_reads(os.getpid()).read_bytes
+        assert count is not None
+        return count
+
+    before = read_bytes()
+    pagecache.warm(synced_file)
+    dropped = read_bytes()
+    pagecache.warm(synced_file)
+    warm = read_bytes()
+    assert dropped - before >= size * 0.9
+    assert warm - dropped < size // 10
+
+
+def test_storage_reads_of_a_process_that_is_gone_is_an_os_error() -> None:
+    with pytest.raises(FileNotFoundError):
+        pagecache.storage_reads(2**22 + 1)  # above the kernel's pid_max limit

@@ -205,7 +205,7 @@ def cmd_ps(args: argparse.Namespace, client: Client, out: TextIO) -> int:
         json.dump(data, out, indent=2)
         out.write("\n")
         return 0
-    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL", "DEVICE", "STATE"]]
+    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL", "DEVICE", "WARM", "STATE"]]
     for m in data.get("models", []):
         until = human_time(m.get("expires_at"))
         if m.get("refcount"):
@@ -219,11 +219,33 @@ def cmd_ps(args: argparse.Namespace, client: Client, out: TextIO) -> int:
                 str(m.get("context_length", "")),
                 until,
                 str(m.get("device", "")),
+                _warm(m.get("warm_bytes")),
                 _state(m),
             ]
         )
     table(rows, out)
+    _warm_not_loaded(data, out)
     return 0
+
+
+def _warm(n: Any) -> str:
+    """Bytes of the model's file in host RAM (mincore), "-" when the server measures none."""
+    return "-" if n is None else human_bytes(int(n))
+
+
+def _warm_not_loaded(data: dict[str, Any], out: TextIO) -> None:
+    """Below the table: the models whose file is warm in host RAM though they are not loaded (a
+    load of one reads RAM, not disk); nothing when there are none."""
+    tier = data.get("host_tier") or {}
+    loaded = {m.get("name") for m in data.get("models", [])}
+    files = [f for f in tier.get("files", []) if f["name"] not in loaded and f["warm_bytes"] > 0]
+    if not files:
+        return
+    budget, kept = human_bytes(int(tier["budget_bytes"])), human_bytes(int(tier["kept_bytes"]))
+    out.write(f"\nWarm in host RAM, not loaded (host cache {kept} kept of {budget}):\n")
+    rows = [["NAME", "WARM", "KEPT"]]
+    rows += [[f["name"], _warm(f["warm_bytes"]), "yes" if f["kept"] else "no"] for f in files]
+    table(rows, out)
 
 
 def _state(m: dict[str, Any]) -> str:

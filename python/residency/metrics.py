@@ -38,6 +38,7 @@ class StateSource(Protocol):
     def models(self) -> Sequence[Any]: ...
     def device_usage(self) -> Sequence[tuple[Any, int | None]]: ...
     def failing(self) -> Sequence[Any]: ...
+    def host_tier(self) -> Any: ...
 
 
 class ResidencyMetrics:
@@ -233,7 +234,10 @@ class _StateCollector(Collector):
                 ("reserved_bytes", "Bytes the scheduler reserved."),
                 ("measured_bytes", "Bytes the runner reported using."),
                 ("estimated_bytes", "Bytes the estimator expected."),
-                ("warm_bytes", "Bytes of the model's file in host RAM (mincore)."),
+                (
+                    "warm_bytes",
+                    "Bytes of the model's file in host RAM (mincore); device \"\": not loaded.",
+                ),
             )
         }
         refcount = GaugeMetricFamily(
@@ -245,6 +249,13 @@ class _StateCollector(Collector):
             labels=("model", "state"),
         )
         fallback = _FallbackGauges()
+        host = {
+            name: GaugeMetricFamily(f"residency_host_cache_{name}_bytes", text)
+            for name, text in (
+                ("budget", "Bytes of model files the host tier may keep warm in RAM."),
+                ("kept", "Bytes of the model files the host tier keeps warm."),
+            )
+        }
         if source is not None:
             configured.add_metric([], len(source.models()))
             for f in source.failing():
@@ -255,7 +266,8 @@ class _StateCollector(Collector):
                 device["reserved"].add_metric([usage.id], usage.reserved_bytes)
                 if free is not None:
                     device["free"].add_metric([usage.id], free)
-            for m in source.resident():
+            rows = source.resident()
+            for m in rows:
                 resident.add_metric([m.name, m.device, m.state], 1)
                 per_model["reserved_bytes"].add_metric([m.name, m.device], m.bytes)
                 if m.measured_bytes is not None:
@@ -265,10 +277,19 @@ class _StateCollector(Collector):
                     per_model["warm_bytes"].add_metric([m.name, m.device], m.warm_bytes)
                 refcount.add_metric([m.name], m.refcount)
                 fallback.add(m)
+            tier = source.host_tier()
+            if tier is not None:
+                host["budget"].add_metric([], tier.budget_bytes)
+                host["kept"].add_metric([], tier.kept_bytes)
+                loaded = {m.name for m in rows}
+                for f in tier.files:  # warm in RAM, not loaded: on no device
+                    if f.name not in loaded:
+                        per_model["warm_bytes"].add_metric([f.name, ""], f.warm_bytes)
         yield configured
         yield from device.values()
         yield resident
         yield from per_model.values()
+        yield from host.values()
         yield refcount
         yield failing
         yield from fallback.families()

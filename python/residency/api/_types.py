@@ -16,7 +16,7 @@ from residency.keepalive import KeepAliveClient
 from residency.metrics import ResidencyMetrics
 from residency.runners.protocol import RunnerApi
 
-__all__ = ["EntryLike", "LeaseLike", "ResidentLike", "SchedulerLike"]
+__all__ = ["EntryLike", "HostTierLike", "LeaseLike", "ResidentLike", "SchedulerLike"]
 
 
 class EntryLike(Protocol):
@@ -98,6 +98,28 @@ class ResidentLike(Protocol):
     def keep_alive_origin(self) -> Any: ...
 
 
+class WarmFileLike(Protocol):
+    """A model's file in the host page cache (residency.scheduler.rows.WarmFile)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def warm_bytes(self) -> int: ...
+    @property
+    def kept(self) -> bool: ...
+
+
+class HostTierLike(Protocol):
+    """The host page cache's tier (residency.scheduler.rows.HostTierView)."""
+
+    @property
+    def budget_bytes(self) -> int: ...
+    @property
+    def kept_bytes(self) -> int: ...
+    @property
+    def files(self) -> Sequence[WarmFileLike]: ...
+
+
 class SchedulerLike(Protocol):
     """residency.scheduler.Scheduler as the facade uses it."""
 
@@ -120,3 +142,4 @@ class SchedulerLike(Protocol):
     def resolve(self, name: str) -> EntryLike: ...
     def device_usage(self) -> Sequence[tuple[Any, int | None]]: ...
     def failing(self) -> Sequence[Mapping[str, Any]]: ...
+    def host_tier(self) -> HostTierLike | None: ...

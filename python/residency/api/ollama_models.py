@@ -13,7 +13,7 @@ from pydantic_core import to_json
 from starlette.responses import PlainTextResponse, Response
 
 from residency import __version__
-from residency.api._types import EntryLike, ResidentLike
+from residency.api._types import EntryLike, HostTierLike, ResidentLike
 from residency.api.capabilities import traits
 from residency.api.digests import DIGESTS
 from residency.api.errors import ApiError
@@ -117,7 +117,27 @@ async def ps(request: Request, state: State) -> Response:
     # residency's addition: KV slots saved before runners stopped and restored after, by model.
     # And models whose runner failed lately: backoff or circuit state, failures, last error.
     failing = [dict(f, name=tagged(f["name"])) for f in state.scheduler.failing()]
-    return json_response({"models": models, "kv_cache": kv_stats_json(), "failing": failing})
+    return json_response(
+        {
+            "models": models,
+            "kv_cache": kv_stats_json(),
+            "failing": failing,
+            "host_tier": _host_tier_json(request, state.scheduler.host_tier()),
+        }
+    )
+
+
+def _host_tier_json(request: Request, tier: HostTierLike | None) -> dict[str, Any] | None:
+    """residency's addition: the host page cache, with the files of models loaded or not that
+    are warm in RAM (those the key may use); None when the page cache is left to the kernel."""
+    if tier is None:
+        return None
+    files = [
+        {"name": tagged(f.name), "warm_bytes": f.warm_bytes, "kept": f.kept}
+        for f in tier.files
+        if key_allows(request.scope, f.name)
+    ]
+    return {"budget_bytes": tier.budget_bytes, "kept_bytes": tier.kept_bytes, "files": files}
 
 
 @router.get("/api/tags")

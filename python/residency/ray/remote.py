@@ -315,6 +315,10 @@ class RayScheduler:
         """Crash-loop state lives in each replica's own circuit; the cluster view has none yet."""
         return []
 
+    def host_tier(self) -> None:
+        """Each replica's host has its own page cache (its rows carry warm_bytes); the cluster
+        view aggregates none yet."""
+
     async def unload(self, model: str) -> None:
         """Unloads the model from every replica that holds it (each call reaches one holder)."""
         name = self.resolve(model).name

@@ -50,7 +50,7 @@ from residency.scheduler.host_cache import make_host_cache
 from residency.scheduler.lease import Lease, LoadOptions, ResidentModel
 from residency.scheduler.observations import Observations
 from residency.scheduler.requests import PendingRequest, copy_error, shape_of
-from residency.scheduler.rows import device_usage, resident_rows
+from residency.scheduler.rows import HostTierView, device_usage, host_tier_view, resident_rows
 from residency.scheduler.runner_checks import check_before_use, exits_soon, still_serving
 from residency.scheduler.sizing import Sizing, gib
 from residency.scheduler.timer import KeepAliveTimer
@@ -242,6 +242,11 @@ class Scheduler(Admission):
         now = self._clock.now_ns()
         seen = self._seen
         return resident_rows(self._engine, self._executor, now, seen.keep_alive_origins, seen.speed)
+
+    def host_tier(self) -> HostTierView | None:
+        """The host page cache: its budget and the configured models' files warm in it."""
+        host = None if self._executor is None else self._executor.host_cache
+        return host_tier_view(host, (e.name for e in self.models()))
 
     # ---- one request ---------------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -1,14 +1,17 @@
-"""The rows of /api/ps: the core's reservations, with the entry and context each runner serves."""
+"""The rows of /api/ps: the core's reservations, with the entry and context each runner serves,
+and the host page cache's model files (warm in RAM whether or not their model is loaded)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from residency._core import DeviceUsage, Engine, ResidentSet
 from residency.keepalive import KeepAliveOrigin
 from residency.scheduler.executor import HOST_DEVICE, Executor
 from residency.scheduler.fallback import DecodeSpeed
+from residency.scheduler.host_cache import HostCache
 from residency.scheduler.lease import ResidentModel
 
 #: The core's "never" (INT64_MAX) and anything near it: no expiry to show.
@@ -66,3 +69,40 @@ def resident_rows(
 def device_usage(core: ResidentSet, executor: Executor) -> list[tuple[DeviceUsage, int | None]]:
     """Each device's accounting in the core, with the free bytes its probe reports now."""
     return [(d, executor.memory.free_on(d.id)) for d in core.devices()]
+
+
+@dataclass(frozen=True)
+class WarmFile:
+    """A configured model's file in the host page cache (its model may or may not be loaded)."""
+
+    name: str
+    #: Bytes of it in RAM now, as mincore sees them.
+    warm_bytes: int
+    #: Whether the host tier keeps it warm (else it is there by the kernel's grace).
+    kept: bool
+
+
+@dataclass(frozen=True)
+class HostTierView:
+    """The host tier as /api/ps, /metrics and ``residency ps`` show it."""
+
+    budget_bytes: int
+    #: Bytes of the files the tier keeps warm (its own account).
+    kept_bytes: int
+    files: tuple[WarmFile, ...]
+
+
+def host_tier_view(host: HostCache | None, names: Iterable[str]) -> HostTierView | None:
+    """The files of the models ``names`` the host cache knows of (it saw them load or wait) that
+    are warm or kept; None when the page cache is left to the kernel."""
+    if host is None:
+        return None
+    files = []
+    for name in names:
+        warm = host.warm_bytes(name)  # None: a file the cache never saw, or unreadable now
+        if warm is None:
+            continue
+        kept = host.tier.kept(name)
+        if warm or kept:
+            files.append(WarmFile(name, warm, kept))
+    return HostTierView(host.tier.budget, host.tier.kept_bytes, tuple(files))
