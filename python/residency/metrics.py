@@ -236,7 +236,7 @@ class _StateCollector(Collector):
                 ("estimated_bytes", "Bytes the estimator expected."),
                 (
                     "warm_bytes",
-                    "Bytes of the model's file in host RAM (mincore); device \"\": not loaded.",
+                    'Bytes of the model\'s file in host RAM (mincore); device "": not loaded.',
                 ),
             )
         }

@@ -20,14 +20,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from residency._core import (
-    Action,
-    ActionKind,
-    DeviceUsage,
-    Engine,
-    InvalidStateError,
-    ResidentSet,
-)
+from residency._core import Action, ActionKind, DeviceUsage, Engine, InvalidStateError, ResidentSet
 from residency.config import Settings
 from residency.errors import ResidencyError, RunnerError
 from residency.keepalive import KeepAliveChoice, KeepAliveClient, KeepAliveOrigin, parse_keep_alive
