@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from residency import pagecache
+from residency import pagecache, proc_io
 from residency.embedded import cache_dir, default_model_path
 from residency.runners import LaunchSpec, LlamaCppPythonRunner, LlamaServerRunner, Runner
 from residency.runners.build import find_llama_server
@@ -101,7 +101,7 @@ async def start_runner(kind: str, path: Path) -> Start:
         await runner.wait_ready(300)
         ready_s = time.monotonic() - t0
         assert runner.pid is not None
-        reads = pagecache.storage_reads(runner.pid)  # before stop: the process must be alive
+        reads = proc_io.storage_reads(runner.pid)  # before stop: the process must be alive
         return Start(ready_s, reads.read_bytes, reads.major_faults, share)
     finally:
         await runner.stop()

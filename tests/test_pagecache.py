@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from residency import pagecache
+from residency import pagecache, proc_io
 from residency.embedded import cache_dir
 
 pytestmark = pytest.mark.timeout(60)
@@ -78,12 +78,12 @@ def test_the_kernel_counts_a_dropped_files_read_and_not_a_warm_ones(synced_file:
     """``storage_reads`` is the kernel's own count: reading the dropped file reads it from storage,
     reading it again (warm) reads nothing more."""
     size = synced_file.stat().st_size
-    if pagecache.storage_reads(os.getpid()).read_bytes is None:
+    if proc_io.storage_reads(os.getpid()).read_bytes is None:
         pytest.skip("this kernel keeps no per-process I/O accounting (/proc/PID/io)")
     pagecache.drop(synced_file)
 
     def read_bytes() -> int:
-        count = pagecache.storage_reads(os.getpid()).read_bytes
+        count = proc_io.storage_reads(os.getpid()).read_bytes
         assert count is not None
         return count
 
@@ -98,4 +98,4 @@ def test_the_kernel_counts_a_dropped_files_read_and_not_a_warm_ones(synced_file:
 
 def test_storage_reads_of_a_process_that_is_gone_is_an_os_error() -> None:
     with pytest.raises(FileNotFoundError):
-        pagecache.storage_reads(2**22 + 1)  # above the kernel's pid_max limit
+        proc_io.storage_reads(2**22 + 1)  # above the kernel's pid_max limit

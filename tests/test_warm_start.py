@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llama_server_fixtures import require_llama_server
-from residency import pagecache
+from residency import pagecache, proc_io
 from residency.config import ModelConfig, load_settings
 from residency.embedded import cache_dir, default_model_path
 from residency.runners import LaunchSpec, LlamaServerRunner, Runner
@@ -60,7 +60,7 @@ def file_size(path: Path) -> int:
 MIN_FAULTS = 1000
 
 
-async def start_and_count(path: Path) -> pagecache.StorageReads:
+async def start_and_count(path: Path) -> proc_io.StorageReads:
     """Starts llama-server on ``path`` as it is now; the runner's storage counters at ready."""
     spec = LaunchSpec(
         name="warm-start", model_path=path, ctx=512, parallel=1, kv_type="f16", gpu_layers=0
@@ -70,7 +70,7 @@ async def start_and_count(path: Path) -> pagecache.StorageReads:
         await runner.start()
         await runner.wait_ready(120)
         assert runner.pid is not None
-        return pagecache.storage_reads(runner.pid)  # while it is alive
+        return proc_io.storage_reads(runner.pid)  # while it is alive
     finally:
         await runner.stop()
 
@@ -138,7 +138,7 @@ async def test_the_servers_prefetch_warms_the_file_during_the_wait(
         runner, share_at_spawn = made["gemma"]
         assert share_at_spawn >= WARM_MIN
         assert runner.pid is not None
-        reads = pagecache.storage_reads(runner.pid)
+        reads = proc_io.storage_reads(runner.pid)
         if reads.read_bytes is not None:  # None: the kernel keeps no per-process I/O accounting
             assert reads.read_bytes < file_size(gguf) // 10, reads
     finally:
