@@ -87,4 +87,9 @@ class ResidencyRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             if model not in stats[first].get("models", {}):
                 # It loads there: later requests follow it before its stats say so.
                 self._placed[model] = (first, time.time())
+        if not ranks:
+            # Every replica here reported it cannot fit the model (one being replaced may not have
+            # reported yet): Serve would wait for a choice forever. Any replica answers at once that
+            # it cannot fit, and the ingress resends or refuses within FIT_WAIT_S.
+            return [candidate_replicas]
         return [[by_id[i] for i in ids] for ids in ranks]
