@@ -7,7 +7,7 @@ Linux: ``queue=ollama`` (loaded models on a fast path, loads strictly FIFO, one 
 ``policy=ollama`` eviction, and a kernel-LRU page cache of the host budget (llama.cpp maps model
 files, so recently loaded files reload from RAM). The candidate is residency as it ships (the
 server's own default settings): the affinity queue (requests for a loading or ready model never
-wait behind other loads; the adaptive starvation deadline), the same eviction policy, and the core's
+wait behind other loads; a 60 s starvation deadline), the same eviction policy, and the core's
 managed host tier (``HostTier``: which bytes of which files stay warm by decayed frequency, with
 admission, and a prefetch while a load waits).
 

@@ -100,11 +100,11 @@ class Settings(
         default="affinity", validation_alias=AliasChoices("RESIDENCY_QUEUE", "queue")
     )
     #: Affinity's starvation deadline: past it, nothing passes the oldest waiting request;
-    #: 0 = the mean load time observed so far (10 s before the first load). With fast loads
-    #: (llama-server, a warm page cache) that is a second or two, and holding requests for ready
-    #: models back that often makes bursty traffic wait longer than Ollama's FIFO (p99 1.15×);
-    #: 60 s does better in bench_policies (README) and is the next default to try.
-    starvation_s: float = Field(default=0.0, ge=0)
+    #: 0 = the mean load time observed so far (10 s before the first load). 60 s by default: with
+    #: fast loads (llama-server, a warm page cache) the mean load time is a second or two, and
+    #: holding requests for ready models back that often made bursty traffic wait longer than
+    #: Ollama's FIFO (p99 1.11×, bench_policies); 60 s still bounds the wait (max TTFT 0.91×).
+    starvation_s: float = Field(default=60.0, ge=0)
     #: Affinity: loads in flight at once; 0 = no limit. Loads share the disk and each reserves its
     #: memory from its start, so 1 (Ollama's rule) holds a little less GPU memory (resident GB·s
     #: −0.7 %) but serves bursts later (mean TTFT up to +2 %, bench_policies): no limit by default.
