@@ -70,7 +70,9 @@ class Runner(ABC):
         # only connecting is bounded here; health checks bound their own reads.
         self.client = RunnerClient(LOOPBACK, self.port)
         #: The runner's protocol, for the requests it serves (the client above is for health).
-        self.api = RunnerApi(self.client, name=spec.name, output_tail=self.output_tail)
+        self.api = RunnerApi(
+            self.client, name=spec.name, output_tail=self.output_tail, slots=spec.parallel
+        )
         self.upstream = UpstreamWatch(
             spec.timeouts, lambda: tree_progress(self.pid), spec.name, self._stopped_answering
         )

@@ -13,6 +13,8 @@ decided from the runner's HTTP answer alone (never from its log output):
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -126,8 +128,31 @@ def pooled(vector: list[Any]) -> list[float]:
     return vector
 
 
+class _SlotHold:
+    """One request's slot on its runner: taken at its first call, kept until given back."""
+
+    def __init__(self, slots: asyncio.Semaphore | None) -> None:
+        self._slots = slots
+        self._held = False
+
+    async def take(self) -> None:
+        if self._slots is None or self._held:
+            return
+        await self._slots.acquire()
+        if self._held:  # another call of the same request took it meanwhile
+            self._slots.release()
+        else:
+            self._held = True
+
+    def give_back(self) -> None:
+        if self._held and self._slots is not None:
+            self._held = False
+            self._slots.release()
+
+
 class RunnerApi:
-    """Requests to one runner, in its protocol. Shared by every request the runner serves."""
+    """Requests to one runner, in its protocol. Shared by every request the runner serves;
+    :meth:`for_request` gives one request its own view, whose calls share one slot."""
 
     def __init__(
         self,
@@ -136,22 +161,57 @@ class RunnerApi:
         name: str,
         output_tail: Callable[[], str] = str,
         before_send: BeforeSend | None = None,
+        slots: int = 0,
     ) -> None:
         self._client = client
         self._name = name
         self._output_tail = output_tail
         #: Per-kind hook run before any body is sent (see BeforeSend); None: nothing to prepare.
         self.before_send = before_send
+        #: The runner's parallel slots: requests beyond them wait here, in arrival order (as at
+        #: Ollama's per-runner semaphore), not as connections piled on the runner's listen
+        #: backlog, where a small backlog (cpp-httplib's is 5) turns them into SYN retries that
+        #: back off for tens of seconds. 0: no limit (a runner whose slots are unknown).
+        self._slots = asyncio.Semaphore(slots) if slots > 0 else None
+        #: A request's view (for_request): its one slot. None: each call takes its own.
+        self._hold: _SlotHold | None = None
+
+    def for_request(self) -> RunnerApi:
+        """This api for one request: its calls share one slot, taken at the first and held until
+        :meth:`give_back_slot`, so its follow-up calls (counting its prompt after its stream)
+        never wait behind other requests."""
+        view = copy.copy(self)
+        view._hold = _SlotHold(self._slots)
+        return view
+
+    def give_back_slot(self) -> None:
+        """The request is done with the runner (a request's view; nothing for the runner's own)."""
+        if self._hold is not None:
+            self._hold.give_back()
+
+    async def _slot(self) -> Callable[[], None]:
+        """Waits for the call's slot; returns what ends the call's hold on it (a request's view
+        keeps its slot until give_back_slot)."""
+        if self._hold is not None:
+            await self._hold.take()
+            return _nothing
+        hold = _SlotHold(self._slots)
+        await hold.take()
+        return hold.give_back
 
     # ---- the three calls --------------------------------------------------------------------
     async def complete(self, path: str, body: Body) -> bytes:
         """POSTs `body`; returns the runner's JSON answer's bytes, or raises."""
-        if self.before_send is not None:
-            body = await self.before_send(path, body) or body
+        done = await self._slot()
         try:
-            resp = await self._client.post(path, _encoded(body), headers=_JSON_HEADERS)
-        except TransportError as err:
-            raise self.broke(err) from err
+            if self.before_send is not None:
+                body = await self.before_send(path, body) or body
+            try:
+                resp = await self._client.post(path, _encoded(body), headers=_JSON_HEADERS)
+            except TransportError as err:
+                raise self.broke(err) from err
+        finally:
+            done()
         if resp.status >= 400:
             raise self._refusal(resp.status, resp.content)
         return resp.content
@@ -162,6 +222,14 @@ class RunnerApi:
         Waiting for the first event means a runner that fails before producing anything still
         gets a real HTTP error status to the client. The caller must ``aclose()`` the stream.
         """
+        done = await self._slot()
+        try:
+            return await self._open(path, body, done)
+        except BaseException:
+            done()
+            raise
+
+    async def _open(self, path: str, body: Body, done: Callable[[], None]) -> EventStream:
         if self.before_send is not None:
             body = await self.before_send(path, body) or body
         try:
@@ -178,7 +246,7 @@ class RunnerApi:
             finally:
                 await resp.aclose()
             raise self._refusal(resp.status, content)
-        stream = EventStream(self, resp, path, body)
+        stream = EventStream(self, resp, path, body, done)
         try:
             await stream.start()
         except BaseException:
@@ -256,12 +324,21 @@ class EventStream:
     event, whatever :meth:`RunnerApi.cut_short` finds).
     """
 
-    def __init__(self, api: RunnerApi, response: StreamResponse, path: str, body: Body) -> None:
+    def __init__(
+        self,
+        api: RunnerApi,
+        response: StreamResponse,
+        path: str,
+        body: Body,
+        done: Callable[[], None] = lambda: None,
+    ) -> None:
         self._api = api
         self.response = response
+        #: Ends the stream's hold on its runner slot (at its end or close, whichever is first).
+        self._done = done
         self._path = path
         self._body = body
-        self._events = self._read()
+        self._events = self._slot_held_until_end(self._read())
         self._first: Event | None = None
         #: When the first event arrived (perf ns); None for a stream that had none.
         self.first_at: int | None = None
@@ -282,7 +359,17 @@ class EventStream:
 
     async def aclose(self) -> None:
         """Closing mid-stream closes the connection: the runner stops generating."""
-        await self.response.aclose()
+        try:
+            await self.response.aclose()
+        finally:
+            self._done()
+
+    async def _slot_held_until_end(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self._done()  # the runner is done with it: its slot serves the next request
 
     async def _read(self) -> AsyncIterator[Event]:
         api = self._api
@@ -312,3 +399,7 @@ class EventStream:
         if seen:
             raise api.failed("ended its stream without finishing")
         raise await api.cut_short(self._path, self._body)
+
+
+def _nothing() -> None:
+    pass

@@ -262,6 +262,7 @@ class Scheduler(Admission):
                 self.circuit.succeeded(lease.entry.name)  # served to the end: the streak is over
         finally:
             # Synchronous: a cancelled client cannot interrupt its own release.
+            lease.release()
             if ka.ns is not None:
                 self._seen.keep_alive_set(lease.entry.name, KeepAliveOrigin.of(ka, client))
             self._run(self.engine.done(request_id, self._clock.now_ns(), ka.ns))

@@ -55,6 +55,14 @@ class Lease:
     runner: Runner = field(repr=False)
     #: Told each finished generation's (tokens, decode ns): the slowdown detector's samples.
     on_decoded: Callable[[int, int], None] | None = field(default=None, repr=False)
+    #: The runner's protocol for this request alone (made at first use): its calls share one
+    #: of the runner's slots.
+    _api: RunnerApi | None = field(default=None, init=False, repr=False)
+
+    def release(self) -> None:
+        """The request is done with the runner: its slot goes to the next request."""
+        if self._api is not None:
+            self._api.give_back_slot()
 
     def decoded(self, tokens: int, ns: int) -> None:
         """One generation's decode: `tokens` generated in `ns` (first to last token)."""
@@ -73,7 +81,9 @@ class Lease:
     @property
     def api(self) -> RunnerApi:
         """The runner's protocol: what the API layer uses (never the process or its socket)."""
-        return self.runner.api
+        if self._api is None:
+            self._api = self.runner.api.for_request()
+        return self._api
 
     def output_tail(self, lines: int = 40) -> str:
         """The runner's last output lines, for error messages."""
