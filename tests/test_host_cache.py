@@ -98,6 +98,23 @@ async def test_a_waiting_warm_is_cancelled_by_the_load_itself(files: list[Path])
     await cache.aclose()
 
 
+async def test_a_small_tail_of_a_large_file_is_dropped_too(files: list[Path]) -> None:
+    a, b, _ = files
+    # Files of SIZE are large enough to manage; the quarter "a" gives up is not, on its own.
+    cache = HostCache(budget_bytes=SIZE + 3 * SIZE // 4, min_file_bytes=SIZE // 2)
+    cache.waiting("a", a, 0)
+    await _settle(cache)
+    assert pagecache.resident_bytes(a) == SIZE
+    for t in (2, 3):
+        cache.mapped("b", b, t)
+        cache.loaded("b", t)
+        cache.unmapped("b", t)
+    await _settle(cache)
+    assert cache.tier.kept_of("a") == 3 * SIZE // 4
+    assert pagecache.resident_bytes(a) == 3 * SIZE // 4  # as the tier keeps it, not more
+    await cache.aclose()
+
+
 async def test_small_files_are_left_to_the_kernel(files: list[Path]) -> None:
     a = files[0]
     cache = HostCache(budget_bytes=4 * SIZE, min_file_bytes=SIZE + 1)

@@ -119,7 +119,9 @@ class HostCache:
     def _run(self, actions: list[HostAction]) -> None:
         for a in actions:
             path = self._paths.get(a.key)
-            if path is None or a.bytes < self.min_file_bytes:
+            # The file's size decides, not the action's bytes: a drop's bytes are only the tail
+            # it gives up, and a large file's small tail must go as the tier decided.
+            if path is None or _size(path) < self.min_file_bytes:
                 continue
             if a.kind == HostActionKind.WARM:  # its first a.bytes (the tier may keep a part)
                 if a.key not in self._warming:
