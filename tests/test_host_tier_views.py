@@ -18,10 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from api_fakes import FakeHostTier, FakeWarmFile, serving
 from residency import pagecache
 from residency.cli_client import cmd_ps
-from residency.config import ApiKeyConfig, Settings
+from residency.config import ApiKeyConfig, Settings, load_settings
 from residency.embedded import cache_dir
+from residency.scheduler import Scheduler
 from residency.scheduler.host_cache import HostCache
 from residency.scheduler.rows import host_tier_view
+from scheduler_helpers import MIB, fake_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,3 +198,35 @@ async def test_the_view_reads_the_host_cache_and_mincore(model_file: Path) -> No
     assert view is not None
     assert view.files[0].warm_bytes <= SIZE // 20
     await cache.aclose()
+
+
+async def test_only_those_who_ask_for_warm_bytes_pay_for_mincore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real scheduler with a host cache and a loaded fake runner: counting rows (/health,
+    # /v1/models, load progress) measures nothing; reading a row's warm bytes (/api/ps) does.
+    calls: list[Path] = []
+    real = pagecache.resident_bytes
+
+    def counted(path: Path | str) -> int:
+        calls.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(pagecache, "resident_bytes", counted)
+    settings = load_settings(
+        models=[fake_model("a", tmp_path)], memory_limit=250 * MIB, probe="host",
+        host_cache_bytes=1 << 30, stop_timeout_s=2.0,
+    )  # fmt: skip
+    s = Scheduler(settings)
+    await s.start()
+    try:
+        await s.load("a")
+        calls.clear()
+        (row,) = s.resident()
+        assert calls == []
+        first = row.warm_bytes
+        assert first is not None
+        assert row.warm_bytes == first
+        assert calls == [tmp_path / "a.bin"]  # measured once, when first read
+    finally:
+        await s.stop()

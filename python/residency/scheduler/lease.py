@@ -3,6 +3,7 @@ the rows of /api/ps."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -116,8 +117,8 @@ class ResidentModel:
     expires_at: datetime | None
     context_length: int
     refcount: int
-    #: Bytes of its model file in the host's page cache now (mincore); None: not measured.
-    warm_bytes: int | None = None
+    #: Measures the bytes of its model file in the host's page cache (mincore); None: no cache.
+    measure_warm: Callable[[], int | None] = field(default=lambda: None, repr=False, compare=False)
     #: Ollama's "size": the reservation, or what the runner placed on GPU and host together
     #: when part of the model runs on the CPU (size_vram then is its GPU part).
     size: int = 0
@@ -127,3 +128,9 @@ class ResidentModel:
     #: The keep-alive now (ns, < 0 forever), where it came from and who set it.
     keep_alive_ns: int | None = None
     keep_alive_origin: KeepAliveOrigin | None = None
+
+    @functools.cached_property
+    def warm_bytes(self) -> int | None:
+        """Bytes of its model file in the host's page cache now. Measured only when asked
+        (mincore takes milliseconds for a large file): /health and /v1/models never pay it."""
+        return self.measure_warm()

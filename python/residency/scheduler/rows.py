@@ -3,6 +3,7 @@ and the host page cache's model files (warm in RAM whether or not their model is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -54,9 +55,9 @@ def resident_rows(
                 else wall + timedelta(microseconds=(expires - now_ns) / 1000),
                 context_length=inst.options.ctx,
                 refcount=r.refcount,
-                warm_bytes=None
+                measure_warm=_no_measure
                 if executor.host_cache is None
-                else executor.host_cache.warm_bytes(r.key),
+                else functools.partial(executor.host_cache.warm_bytes, r.key),
                 placement=p,
                 decode_speed=speed.state(r.key),
                 keep_alive_ns=r.keep_alive,
@@ -64,6 +65,10 @@ def resident_rows(
             )
         )
     return rows
+
+
+def _no_measure() -> None:
+    return None
 
 
 def device_usage(core: ResidentSet, executor: Executor) -> list[tuple[DeviceUsage, int | None]]:
