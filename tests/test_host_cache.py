@@ -60,8 +60,8 @@ async def test_prefetch_warms_and_displacement_drops(files: list[Path]) -> None:
         cache.loaded("b", t)
         cache.unmapped("b", t)
     await _settle(cache)
-    assert cache.tier.kept_of("b") == SIZE
-    assert cache.tier.kept_of("a") == SIZE // 2
+    assert cache.kept_of("b") == SIZE
+    assert cache.kept_of("a") == SIZE // 2
     assert told == {"a": SIZE // 2, "b": SIZE}
     assert await cache.measure("a", 4) == SIZE // 2
     assert pagecache.resident_bytes(a) == SIZE // 2
@@ -83,7 +83,7 @@ async def test_a_mapped_file_is_not_dropped_until_unmapped(files: list[Path]) ->
     cache.unmapped("b", 3)
     await _settle(cache)
     assert pagecache.resident_bytes(b) == SIZE // 2
-    assert cache.tier.kept_of("a") == SIZE
+    assert cache.kept_of("a") == SIZE
     await cache.aclose()
 
 
@@ -110,7 +110,7 @@ async def test_a_small_tail_of_a_large_file_is_dropped_too(files: list[Path]) ->
         cache.loaded("b", t)
         cache.unmapped("b", t)
     await _settle(cache)
-    assert cache.tier.kept_of("a") == 3 * SIZE // 4
+    assert cache.kept_of("a") == 3 * SIZE // 4
     assert pagecache.resident_bytes(a) == 3 * SIZE // 4  # as the tier keeps it, not more
     await cache.aclose()
 
@@ -121,4 +121,32 @@ async def test_small_files_are_left_to_the_kernel(files: list[Path]) -> None:
     cache.waiting("a", a, 0)
     assert not cache._tasks  # no I/O started
     assert pagecache.resident_bytes(a) <= SIZE // 20
+    await cache.aclose()
+
+
+async def test_two_models_on_one_file_are_one_entry_of_its_bytes(files: list[Path]) -> None:
+    a, b, _ = files
+    alias = a.with_name(a.name + ".link")  # as the Hugging Face cache links snapshots to blobs
+    alias.symlink_to(a)
+    told: dict[str, int] = {}
+    try:
+        cache = HostCache(budget_bytes=2 * SIZE, min_file_bytes=0, on_warm=told.__setitem__)
+        cache.mapped("chat", a, 0)
+        cache.mapped("chat-long-ctx", alias, 0)
+        pagecache.warm(a)  # what the runners' loads read
+        cache.loaded("chat", 1)
+        cache.loaded("chat-long-ctx", 1)
+        assert cache.tier.kept_bytes == SIZE  # one file, counted once
+        assert cache.kept_of("chat") == cache.kept_of("chat-long-ctx") == SIZE
+        assert told == {"chat": SIZE, "chat-long-ctx": SIZE}
+        # The room left is a whole file: "b" is kept beside it, nothing is dropped.
+        for t in (2, 3):
+            cache.mapped("b", b, t)
+            cache.loaded("b", t)
+            cache.unmapped("b", t)
+        await _settle(cache)
+        assert cache.tier.kept_bytes == 2 * SIZE
+        assert pagecache.resident_bytes(a) == SIZE
+    finally:
+        alias.unlink()
     await cache.aclose()

@@ -34,7 +34,7 @@ async def test_a_request_waiting_for_a_busy_victim_prefetches_its_file(tmp_path:
         async with s.session("a"):
             b = asyncio.create_task(s.load("b"))
             # b cannot load while a is busy; its file is admitted to the tier meanwhile.
-            await eventually(lambda: any(host.tier.kept(k) for k in ("b", "b:latest")))
+            await eventually(lambda: any(host.kept(k) for k in ("b", "b:latest")))
             assert not b.done()
         await asyncio.wait_for(b, 10)
     finally:

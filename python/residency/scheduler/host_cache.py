@@ -5,12 +5,16 @@ its actions with the kernel's own interfaces (:mod:`residency.pagecache`) and fe
 file I/O runs in threads, off the event loop; at most one warm reads at a time (the disk is shared
 with the loads themselves) and each can be cancelled between chunks. A file a runner maps is never
 dropped: the tier knows which files are mapped, and this re-checks before every drop.
+
+The tier counts files, not models: two models on one file (two names, or two symlinks to one blob
+as in the Hugging Face cache) are one entry of its bytes, and both are told when it warms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -44,33 +48,37 @@ class HostCache:
         #: Told a file's warm bytes when they change: the engine's tier-aware eviction reads them.
         self.on_warm: WarmListener = on_warm or (lambda key, nbytes: None)
         self.min_file_bytes = min_file_bytes
-        self._paths: dict[str, Path] = {}
-        #: Runners mapping each file now, by path: two entries may share one file.
+        self._paths: dict[str, Path] = {}  # model key → its file, symlinks resolved
+        #: The tier's keys (a file's resolved path) → the models using that file.
+        self._models: dict[str, set[str]] = {}
+        #: Runners mapping each file now: two models may share one file.
         self._mapped: dict[Path, int] = {}
-        self._warming: dict[str, threading.Event] = {}  # key → its warm's cancel flag
+        self._warming: dict[str, threading.Event] = {}  # file → its warm's cancel flag
         self._io = asyncio.Semaphore(1)
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- events from the executor (each returns at once; the I/O runs in the background) ------
     def waiting(self, key: str, path: Path, now_ns: int) -> None:
         """A load of ``key`` must wait (victims draining, a queue): prefetch it if admitted."""
-        self._paths[key] = path
-        self._run(self.tier.waiting(key, _size(path), now_ns))
+        file = self._register(key, path)
+        self._run(self.tier.waiting(file, _size(self._paths[key]), now_ns))
 
     def mapped(self, key: str, path: Path, now_ns: int) -> None:
         """A runner starts on ``key``'s file (it maps it until it exits)."""
-        self._paths[key] = path
-        self._mapped[path] = self._mapped.get(path, 0) + 1
-        self._cancel(key)  # the runner reads it now; a prefetch would only compete
-        self._run(self.tier.mapped(key, True, now_ns))
+        file = self._register(key, path)
+        real = self._paths[key]
+        self._mapped[real] = self._mapped.get(real, 0) + 1
+        self._cancel(file)  # the runner reads it now; a prefetch would only compete
+        if self._mapped[real] == 1:
+            self._run(self.tier.mapped(file, True, now_ns))
 
     def loaded(self, key: str, now_ns: int) -> None:
         """The runner of ``key`` is ready: it read the whole file."""
         path = self._paths.get(key)
         if path is not None:
             size = _size(path)
-            self.on_warm(key, size)  # the runner read it all: warm now, whatever is kept later
-            self._run(self.tier.loaded(key, size, now_ns))
+            self._tell(str(path), size)  # the runner read it all: warm now, whatever is kept
+            self._run(self.tier.loaded(str(path), size, now_ns))
 
     def unmapped(self, key: str, now_ns: int) -> None:
         """A runner of ``key`` exited."""
@@ -79,10 +87,10 @@ class HostCache:
             return
         left = self._mapped[path] - 1
         if left > 0:
-            self._mapped[path] = left
-        else:
-            del self._mapped[path]
-        self._run(self.tier.mapped(key, False, now_ns))
+            self._mapped[path] = left  # another runner still maps the file
+            return
+        del self._mapped[path]
+        self._run(self.tier.mapped(str(path), False, now_ns))
 
     # ---- facts --------------------------------------------------------------------------------
     async def measure(self, key: str, now_ns: int) -> int | None:
@@ -95,9 +103,19 @@ class HostCache:
         except OSError as err:
             log.warning("page cache: cannot measure %s: %s", path, err)
             return None
-        self.on_warm(key, warm)
-        self._run(self.tier.measured(key, warm, now_ns))
+        self._tell(str(path), warm)
+        self._run(self.tier.measured(str(path), warm, now_ns))
         return warm
+
+    def kept(self, key: str) -> bool:
+        """Whether the tier keeps ``key``'s file warm."""
+        path = self._paths.get(key)
+        return path is not None and self.tier.kept(str(path))
+
+    def kept_of(self, key: str) -> int:
+        """Bytes of ``key``'s file the tier keeps warm (its first bytes)."""
+        path = self._paths.get(key)
+        return 0 if path is None else self.tier.kept_of(str(path))
 
     def warm_bytes(self, key: str) -> int | None:
         """Bytes of ``key``'s file in RAM now (mincore; a few ms for a large file)."""
@@ -116,9 +134,21 @@ class HostCache:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ---- carrying out -------------------------------------------------------------------------
+    def _register(self, key: str, path: Path) -> str:
+        """Notes ``key``'s file; returns the tier's key for it."""
+        real = Path(os.path.realpath(path))
+        self._paths[key] = real
+        self._models.setdefault(str(real), set()).add(key)
+        return str(real)
+
+    def _tell(self, file: str, nbytes: int) -> None:
+        """Every model on ``file``: it has ``nbytes`` warm (the engine's tier-aware eviction)."""
+        for key in self._models.get(file, ()):
+            self.on_warm(key, nbytes)
+
     def _run(self, actions: list[HostAction]) -> None:
         for a in actions:
-            path = self._paths.get(a.key)
+            path = Path(a.key) if a.key in self._models else None
             # The file's size decides, not the action's bytes: a drop's bytes are only the tail
             # it gives up, and a large file's small tail must go as the tier decided.
             if path is None or _size(path) < self.min_file_bytes:
@@ -131,7 +161,7 @@ class HostCache:
                     self._spawn(self._warm(a.key, path, self._warming[a.key], a.bytes))
             elif path not in self._mapped:  # never drop what a runner maps (any entry's)
                 self._cancel(a.key)
-                self.on_warm(a.key, a.keep)
+                self._tell(a.key, a.keep)
                 self._spawn(self._drop(path, a.keep))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -144,7 +174,7 @@ class HostCache:
             async with self._io:
                 await asyncio.to_thread(pagecache.warm, path, cancelled=cancel, limit=nbytes)
             if not cancel.is_set():
-                self.on_warm(key, min(nbytes, _size(path)))
+                self._tell(key, min(nbytes, _size(path)))
         except OSError as err:
             log.warning("page cache: cannot warm %s: %s", path, err)
         finally:

@@ -107,7 +107,7 @@ def host_tier_view(host: HostCache | None, names: Iterable[str]) -> HostTierView
         warm = host.warm_bytes(name)  # None: a file the cache never saw, or unreadable now
         if warm is None:
             continue
-        kept = host.tier.kept(name)
+        kept = host.kept(name)
         if warm or kept:
             files.append(WarmFile(name, warm, kept))
     return HostTierView(host.tier.budget, host.tier.kept_bytes, tuple(files))
