@@ -1,8 +1,9 @@
-"""A runner's parallel slots (runners/protocol.py): requests beyond them wait in residency, in
-arrival order, as at Ollama's per-runner semaphore, instead of piling up as connections on the
-runner's small listen backlog. One request's calls share its slot, so its follow-up call (counting
-its prompt after its stream) never waits behind others. Against a runner on a real socket that
-holds each stream open until the test lets it finish, and counts the connections it serves."""
+"""Requests at a runner at once (runners/protocol.py; the server allows its parallel slots and as
+many more ready to start): requests beyond the limit wait in residency, in arrival order, as at
+Ollama's per-runner semaphore, instead of piling up as connections on the runner's small listen
+backlog. One request's calls share its place, so its follow-up call (counting its prompt after its
+stream) never waits behind others. Against a runner on a real socket that holds each stream open
+until the test lets it finish, and counts the connections it serves."""
 
 from __future__ import annotations
 
@@ -74,12 +75,12 @@ class Runner:
 
 
 @asynccontextmanager
-async def runner(slots: int) -> AsyncIterator[tuple[RunnerApi, Runner]]:
+async def runner(in_flight: int) -> AsyncIterator[tuple[RunnerApi, Runner]]:
     fake = Runner()
     server = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
     client = RunnerClient("127.0.0.1", server.sockets[0].getsockname()[1])
     try:
-        yield RunnerApi(client, name="m", slots=slots), fake
+        yield RunnerApi(client, name="m", in_flight=in_flight), fake
     finally:
         await client.aclose()
         server.close()
@@ -103,14 +104,14 @@ async def settle() -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_requests_beyond_the_slots_wait_their_turn_in_arrival_order() -> None:
-    async with runner(slots=2) as (api, fake):
+async def test_requests_beyond_the_limit_wait_their_turn_in_arrival_order() -> None:
+    async with runner(in_flight=2) as (api, fake):
         tasks = []
         for i in range(6):
             tasks.append(asyncio.create_task(read_to_end(api, f"r{i}")))
             await asyncio.sleep(0.01)  # arrival order is creation order
         await settle()
-        assert fake.order == ["r0", "r1"]  # two slots: two requests reached the runner
+        assert fake.order == ["r0", "r1"]  # two at once: two requests reached the runner
         fake.finish.set()
         assert await asyncio.gather(*tasks) == [1] * 6
         assert fake.order == [f"r{i}" for i in range(6)]
@@ -118,7 +119,7 @@ async def test_requests_beyond_the_slots_wait_their_turn_in_arrival_order() -> N
 
 
 async def test_a_stream_gives_its_slot_back_at_its_end_before_it_is_closed() -> None:
-    async with runner(slots=1) as (api, fake):
+    async with runner(in_flight=1) as (api, fake):
         fake.finish.set()
         first = await api.stream("/v1/chat/completions", asking("a"))
         assert len([event async for event in first]) == 1
@@ -128,7 +129,7 @@ async def test_a_stream_gives_its_slot_back_at_its_end_before_it_is_closed() -> 
 
 
 async def test_a_requests_follow_up_call_shares_its_slot_and_never_waits_behind_others() -> None:
-    async with runner(slots=1) as (base, fake):
+    async with runner(in_flight=1) as (base, fake):
         fake.finish.set()
         mine = base.for_request()
         stream = await mine.stream("/v1/chat/completions", asking("mine"))
@@ -149,7 +150,7 @@ async def test_a_requests_follow_up_call_shares_its_slot_and_never_waits_behind_
 
 
 async def test_a_refused_request_and_a_cancelled_waiter_leave_no_slot_taken() -> None:
-    async with runner(slots=1) as (api, fake):
+    async with runner(in_flight=1) as (api, fake):
         with pytest.raises(RunnerRejected):
             await api.stream("/v1/chat/completions", asking("bad"))
         holder = asyncio.create_task(read_to_end(api, "holder"))
@@ -165,8 +166,8 @@ async def test_a_refused_request_and_a_cancelled_waiter_leave_no_slot_taken() ->
         assert fake.order == ["bad", "holder", "next"]
 
 
-async def test_no_slots_known_means_no_limit() -> None:
-    async with runner(slots=0) as (api, fake):
+async def test_no_limit_given_means_none() -> None:
+    async with runner(in_flight=0) as (api, fake):
         tasks = [asyncio.create_task(read_to_end(api, f"r{i}")) for i in range(4)]
         await settle()
         assert sorted(fake.order) == ["r0", "r1", "r2", "r3"]

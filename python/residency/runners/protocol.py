@@ -129,7 +129,7 @@ def pooled(vector: list[Any]) -> list[float]:
 
 
 class _SlotHold:
-    """One request's slot on its runner: taken at its first call, kept until given back."""
+    """One request's place at its runner: taken at its first call, kept until given back."""
 
     def __init__(self, slots: asyncio.Semaphore | None) -> None:
         self._slots = slots
@@ -161,25 +161,25 @@ class RunnerApi:
         name: str,
         output_tail: Callable[[], str] = str,
         before_send: BeforeSend | None = None,
-        slots: int = 0,
+        in_flight: int = 0,
     ) -> None:
         self._client = client
         self._name = name
         self._output_tail = output_tail
         #: Per-kind hook run before any body is sent (see BeforeSend); None: nothing to prepare.
         self.before_send = before_send
-        #: The runner's parallel slots: requests beyond them wait here, in arrival order (as at
-        #: Ollama's per-runner semaphore), not as connections piled on the runner's listen
-        #: backlog, where a small backlog (cpp-httplib's is 5) turns them into SYN retries that
-        #: back off for tens of seconds. 0: no limit (a runner whose slots are unknown).
-        self._slots = asyncio.Semaphore(slots) if slots > 0 else None
+        #: Requests at the runner at once: more wait here, in arrival order (as at Ollama's
+        #: per-runner semaphore), not as connections piled on the runner's listen backlog, where
+        #: a small backlog (cpp-httplib's is 5) turns them into SYN retries that back off for
+        #: tens of seconds. 0: no limit.
+        self._slots = asyncio.Semaphore(in_flight) if in_flight > 0 else None
         #: A request's view (for_request): its one slot. None: each call takes its own.
         self._hold: _SlotHold | None = None
 
     def for_request(self) -> RunnerApi:
-        """This api for one request: its calls share one slot, taken at the first and held until
-        :meth:`give_back_slot`, so its follow-up calls (counting its prompt after its stream)
-        never wait behind other requests."""
+        """This api for one request: its calls share one place at the runner, taken at the first
+        and held until :meth:`give_back_slot`, so its follow-up calls (counting its prompt after
+        its stream) never wait behind other requests."""
         view = copy.copy(self)
         view._hold = _SlotHold(self._slots)
         return view
