@@ -11,11 +11,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from residency.config import load_settings
 from residency.runners.http import RunnerClient
 from residency.runners.protocol import RunnerApi, RunnerRejected
+from residency.scheduler import Scheduler
+from scheduler_helpers import MIB, fake_model
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -174,3 +178,32 @@ async def test_no_limit_given_means_none() -> None:
         fake.finish.set()
         await asyncio.gather(*tasks)
         assert fake.most_active == 4
+
+
+async def test_sessions_give_their_place_back_and_a_released_lease_holds_none(
+    tmp_path: Path,
+) -> None:
+    # A real scheduler and fake runner (parallel 1: two places). Sessions one after another, and
+    # calls on a lease after its session ended (Scheduler.load's), never leave a place taken.
+    settings = load_settings(
+        models=[fake_model("a", tmp_path)], memory_limit=250 * MIB, probe="host",
+        stop_timeout_s=2.0,
+    )  # fmt: skip
+    s = Scheduler(settings)
+    await s.start()
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    try:
+        for _ in range(4):
+            async with s.session("a") as lease:
+                answer = await asyncio.wait_for(
+                    lease.api.generate("/v1/chat/completions", body), 10
+                )
+                assert answer.answer()["choices"][0]["message"]["content"].strip() == "reply from a"
+        released = await s.load("a")
+        for _ in range(4):
+            await asyncio.wait_for(released.api.generate("/v1/chat/completions", body), 10)
+        free = released.runner.api._slots
+        assert free is not None
+        assert free._value == 2  # both places free: none leaked
+    finally:
+        await s.stop()

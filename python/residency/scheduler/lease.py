@@ -57,11 +57,13 @@ class Lease:
     #: Told each finished generation's (tokens, decode ns): the slowdown detector's samples.
     on_decoded: Callable[[int, int], None] | None = field(default=None, repr=False)
     #: The runner's protocol for this request alone (made at first use): its calls share one
-    #: of the runner's slots.
+    #: place at the runner, held until release().
     _api: RunnerApi | None = field(default=None, init=False, repr=False)
+    _released: bool = field(default=False, init=False, repr=False)
 
     def release(self) -> None:
-        """The request is done with the runner: its slot goes to the next request."""
+        """The request is done with the runner: its place goes to the next request."""
+        self._released = True
         if self._api is not None:
             self._api.give_back_slot()
 
@@ -82,6 +84,8 @@ class Lease:
     @property
     def api(self) -> RunnerApi:
         """The runner's protocol: what the API layer uses (never the process or its socket)."""
+        if self._released:  # used after its session (Scheduler.load's lease): each call its own
+            return self.runner.api
         if self._api is None:
             self._api = self.runner.api.for_request()
         return self._api
