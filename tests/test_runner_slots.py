@@ -148,7 +148,7 @@ async def test_a_requests_follow_up_call_shares_its_slot_and_never_waits_behind_
             mine.complete("/v1/chat/completions", asking("count") | {"stream": False}), 5
         )
         assert b"prompt_tokens" in count
-        mine.give_back_slot()
+        mine.give_back_place()
         assert b"prompt_tokens" in await asyncio.wait_for(other, 5)
         assert fake.order == ["mine", "count", "other"]
 
@@ -202,7 +202,7 @@ async def test_sessions_give_their_place_back_and_a_released_lease_holds_none(
         released = await s.load("a")
         for _ in range(4):
             await asyncio.wait_for(released.api.generate("/v1/chat/completions", body), 10)
-        free = released.runner.api._slots
+        free = released.runner.api._places
         assert free is not None
         assert free._value == 2  # both places free: none leaked
     finally:

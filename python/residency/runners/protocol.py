@@ -128,31 +128,31 @@ def pooled(vector: list[Any]) -> list[float]:
     return vector
 
 
-class _SlotHold:
+class _Place:
     """One request's place at its runner: taken at its first call, kept until given back."""
 
-    def __init__(self, slots: asyncio.Semaphore | None) -> None:
-        self._slots = slots
+    def __init__(self, places: asyncio.Semaphore | None) -> None:
+        self._places = places
         self._held = False
 
     async def take(self) -> None:
-        if self._slots is None or self._held:
+        if self._places is None or self._held:
             return
-        await self._slots.acquire()
+        await self._places.acquire()
         if self._held:  # another call of the same request took it meanwhile
-            self._slots.release()
+            self._places.release()
         else:
             self._held = True
 
     def give_back(self) -> None:
-        if self._held and self._slots is not None:
+        if self._held and self._places is not None:
             self._held = False
-            self._slots.release()
+            self._places.release()
 
 
 class RunnerApi:
     """Requests to one runner, in its protocol. Shared by every request the runner serves;
-    :meth:`for_request` gives one request its own view, whose calls share one slot."""
+    :meth:`for_request` gives one request its own view, whose calls share one place."""
 
     def __init__(
         self,
@@ -172,37 +172,37 @@ class RunnerApi:
         #: per-runner semaphore), not as connections piled on the runner's listen backlog, where
         #: a small backlog (cpp-httplib's is 5) turns them into SYN retries that back off for
         #: tens of seconds. 0: no limit.
-        self._slots = asyncio.Semaphore(in_flight) if in_flight > 0 else None
-        #: A request's view (for_request): its one slot. None: each call takes its own.
-        self._hold: _SlotHold | None = None
+        self._places = asyncio.Semaphore(in_flight) if in_flight > 0 else None
+        #: A request's view (for_request): its one place. None: each call takes its own.
+        self._hold: _Place | None = None
 
     def for_request(self) -> RunnerApi:
         """This api for one request: its calls share one place at the runner, taken at the first
-        and held until :meth:`give_back_slot`, so its follow-up calls (counting its prompt after
+        and held until :meth:`give_back_place`, so its follow-up calls (counting its prompt after
         its stream) never wait behind other requests."""
         view = copy.copy(self)
-        view._hold = _SlotHold(self._slots)
+        view._hold = _Place(self._places)
         return view
 
-    def give_back_slot(self) -> None:
+    def give_back_place(self) -> None:
         """The request is done with the runner (a request's view; nothing for the runner's own)."""
         if self._hold is not None:
             self._hold.give_back()
 
-    async def _slot(self) -> Callable[[], None]:
-        """Waits for the call's slot; returns what ends the call's hold on it (a request's view
-        keeps its slot until give_back_slot)."""
+    async def _take_place(self) -> Callable[[], None]:
+        """Waits for the call's place; returns what gives it back (a request's view keeps its
+        place until give_back_place)."""
         if self._hold is not None:
             await self._hold.take()
             return _nothing
-        hold = _SlotHold(self._slots)
+        hold = _Place(self._places)
         await hold.take()
         return hold.give_back
 
     # ---- the three calls --------------------------------------------------------------------
     async def complete(self, path: str, body: Body) -> bytes:
         """POSTs `body`; returns the runner's JSON answer's bytes, or raises."""
-        done = await self._slot()
+        done = await self._take_place()
         try:
             if self.before_send is not None:
                 body = await self.before_send(path, body) or body
@@ -222,7 +222,7 @@ class RunnerApi:
         Waiting for the first event means a runner that fails before producing anything still
         gets a real HTTP error status to the client. The caller must ``aclose()`` the stream.
         """
-        done = await self._slot()
+        done = await self._take_place()
         try:
             return await self._open(path, body, done)
         except BaseException:
@@ -334,11 +334,11 @@ class EventStream:
     ) -> None:
         self._api = api
         self.response = response
-        #: Ends the stream's hold on its runner slot (at its end or close, whichever is first).
+        #: Gives its place at the runner back (at its end or close, whichever is first).
         self._done = done
         self._path = path
         self._body = body
-        self._events = self._slot_held_until_end(self._read())
+        self._events = self._place_held_until_end(self._read())
         self._first: Event | None = None
         #: When the first event arrived (perf ns); None for a stream that had none.
         self.first_at: int | None = None
@@ -364,12 +364,12 @@ class EventStream:
         finally:
             self._done()
 
-    async def _slot_held_until_end(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    async def _place_held_until_end(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
         try:
             async for event in events:
                 yield event
         finally:
-            self._done()  # the runner is done with it: its slot serves the next request
+            self._done()  # the runner is done with it: its place serves the next request
 
     async def _read(self) -> AsyncIterator[Event]:
         api = self._api

@@ -65,7 +65,7 @@ class Lease:
         """The request is done with the runner: its place goes to the next request."""
         self._released = True
         if self._api is not None:
-            self._api.give_back_slot()
+            self._api.give_back_place()
 
     def decoded(self, tokens: int, ns: int) -> None:
         """One generation's decode: `tokens` generated in `ns` (first to last token)."""
