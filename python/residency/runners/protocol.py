@@ -31,6 +31,7 @@ from residency.runners.http import (
     Unanswered,
     UpstreamTimeout,
 )
+from residency.runners.places import Place
 
 __all__ = [
     "Assembly",
@@ -128,28 +129,6 @@ def pooled(vector: list[Any]) -> list[float]:
     return vector
 
 
-class _Place:
-    """One request's place at its runner: taken at its first call, kept until given back."""
-
-    def __init__(self, places: asyncio.Semaphore | None) -> None:
-        self._places = places
-        self._held = False
-
-    async def take(self) -> None:
-        if self._places is None or self._held:
-            return
-        await self._places.acquire()
-        if self._held:  # another call of the same request took it meanwhile
-            self._places.release()
-        else:
-            self._held = True
-
-    def give_back(self) -> None:
-        if self._held and self._places is not None:
-            self._held = False
-            self._places.release()
-
-
 class RunnerApi:
     """Requests to one runner, in its protocol. Shared by every request the runner serves;
     :meth:`for_request` gives one request its own view, whose calls share one place."""
@@ -174,14 +153,14 @@ class RunnerApi:
         #: tens of seconds. 0: no limit.
         self._places = asyncio.Semaphore(in_flight) if in_flight > 0 else None
         #: A request's view (for_request): its one place. None: each call takes its own.
-        self._hold: _Place | None = None
+        self._hold: Place | None = None
 
     def for_request(self) -> RunnerApi:
         """This api for one request: its calls share one place at the runner, taken at the first
         and held until :meth:`give_back_place`, so its follow-up calls (counting its prompt after
         its stream) never wait behind other requests."""
         view = copy.copy(self)
-        view._hold = _Place(self._places)
+        view._hold = Place(self._places)
         return view
 
     def give_back_place(self) -> None:
@@ -195,7 +174,7 @@ class RunnerApi:
         if self._hold is not None:
             await self._hold.take()
             return _nothing
-        hold = _Place(self._places)
+        hold = Place(self._places)
         await hold.take()
         return hold.give_back
 
