@@ -309,15 +309,17 @@ class EventStream:
         response: StreamResponse,
         path: str,
         body: Body,
-        done: Callable[[], None] = lambda: None,
+        done: Callable[[], None] | None = None,
     ) -> None:
         self._api = api
         self.response = response
         #: Gives its place at the runner back (at its end or close, whichever is first).
-        self._done = done
+        self._done = done or _nothing
         self._path = path
         self._body = body
-        self._events = self._place_held_until_end(self._read())
+        # A request's view holds its place until its lease ends: no wrapper on every event then.
+        by_lease = done is None or done is _nothing
+        self._events = self._read() if by_lease else self._place_held_until_end(self._read())
         self._first: Event | None = None
         #: When the first event arrived (perf ns); None for a stream that had none.
         self.first_at: int | None = None
